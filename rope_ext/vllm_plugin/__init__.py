@@ -1,0 +1,106 @@
+"""ropeserve's vLLM plugin: per-request RoPE scaling, each request's scale fixed at admission.
+
+Installed with the ``ropeserve`` distribution, it is found through the ``vllm.general_plugins`` entry
+point and ``register()`` runs in every vLLM process (API server, engine core, workers). It changes
+nothing for a model that does not ask for it. To turn it on for a model, give its RoPE parameters a
+dynamic rope type, e.g. for a Llama with an 8k training context served up to 64k::
+
+    python -m vllm.entrypoints.openai.api_server --model DIR --hf-overrides \\
+      '{"rope_parameters": {"rope_type": "dynamic_yarn", "rope_theta": 100000.0, "factor": 8.0,
+                            "original_max_position_embeddings": 8192}}'
+
+or set ``ROPESERVE_DYNAMIC_ROPE=1`` to make a model whose own config says ``yarn`` dynamic. A request
+may ask for a factor with ``vllm_xargs={"rope_factor": 4}``.
+
+Pieces: :mod:`.config` (which models, which settings), :mod:`.rotary` (stacked bucket tables),
+:mod:`.admission` (the policy at admission, prefix-cache salt), :mod:`.runner` (per-token row offsets),
+:mod:`.metrics`, :mod:`.compat` (the vLLM internals relied on, checked).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+logger = logging.getLogger("vllm.ropeserve")
+
+_registered = False
+
+
+def register() -> None:
+    """Entry point of the ``vllm.general_plugins`` group. Idempotent."""
+    global _registered
+    if _registered:
+        return
+    from rope_ext.vllm_plugin.admission import patch_input_processor, patch_output_processor
+    from rope_ext.vllm_plugin.compat import check_internals
+    from rope_ext.vllm_plugin.runner import patch_model_runner
+
+    check_internals()
+    # Per-token offsets are written by the V1 model runner; V2 (the CUDA default when Triton is
+    # present) is not patched yet, so the plugin selects V1 unless the user chose explicitly.
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    patch_get_rope()
+    patch_input_processor()
+    patch_output_processor()
+    patch_model_runner()
+    _registered = True
+    logger.debug("ropeserve rope plugin registered")
+
+
+def patch_get_rope() -> None:
+    """Make ``get_rope`` build a PerRequestRotaryEmbedding for models that ask for dynamic scaling.
+
+    Model files bind ``get_rope`` at import time, so modules already imported are rebound too."""
+    import sys
+
+    from vllm.model_executor.layers import rotary_embedding
+
+    original = rotary_embedding.get_rope
+    if getattr(original, "_ropeserve", False):
+        return
+    cache: dict[tuple, object] = {}
+
+    @functools.wraps(original)
+    def get_rope(head_size, max_position, is_neox_style=True, rope_parameters=None, dtype=None,
+                 dual_chunk_attention_config=None, **kwargs):
+        from rope_ext.vllm_plugin.config import scaling_from_rope_parameters
+
+        scaling = None
+        if dual_chunk_attention_config is None:
+            scaling = scaling_from_rope_parameters(rope_parameters, max_position)
+        if scaling is None:
+            return original(head_size, max_position, is_neox_style, rope_parameters, dtype,
+                            dual_chunk_attention_config, **kwargs)
+        return _build_rotary(cache, head_size, max_position, is_neox_style, rope_parameters, dtype, scaling)
+
+    get_rope._ropeserve = True
+    rotary_embedding.get_rope = get_rope
+    for module in list(sys.modules.values()):
+        if getattr(module, "__dict__", {}).get("get_rope") is original:
+            module.get_rope = get_rope
+
+
+def _build_rotary(cache, head_size, max_position, is_neox_style, rope_parameters, dtype, scaling):
+    import torch
+    from vllm.config import get_current_vllm_config
+
+    from rope_ext.vllm_plugin.rotary import PerRequestRotaryEmbedding
+
+    dtype = dtype or torch.get_default_dtype()
+    rotary_dim = rope_parameters.get("rope_dim") or int(
+        head_size * rope_parameters.get("partial_rotary_factor", 1.0))
+    vllm_config = get_current_vllm_config()
+    max_model_len = vllm_config.model_config.max_model_len
+    rows_per_bucket = max(max_model_len, scaling.max_context)
+    scheduler = vllm_config.scheduler_config
+    max_num_tokens = max(scheduler.max_num_batched_tokens, max_model_len) + scheduler.max_num_seqs
+    key = (head_size, rotary_dim, is_neox_style, scaling, dtype, rows_per_bucket, max_num_tokens)
+    if key not in cache:
+        cache[key] = PerRequestRotaryEmbedding(
+            head_size, rotary_dim, float(rope_parameters.get("rope_theta", 10000)), is_neox_style, dtype,
+            scaling=scaling, rows_per_bucket=rows_per_bucket, max_num_tokens=max_num_tokens)
+        logger.info("ropeserve: per-request %s, L=%d, buckets %s, %d rows per bucket", scaling.method,
+                    scaling.original_max_position, list(scaling.buckets), rows_per_bucket)
+    return cache[key]

@@ -1,0 +1,50 @@
+"""Which models the plugin acts on, and their scaling settings read from the model's RoPE parameters.
+
+The plugin acts on a model whose ``rope_parameters`` say ``rope_type`` ``dynamic_yarn``,
+``dynamic_ntk`` or ``dynamic_linear`` (set them with ``--hf-overrides``), or, when the environment
+variable ``ROPESERVE_DYNAMIC_ROPE=1`` is set, on a model whose own config says ``yarn`` (Qwen-style):
+its ``factor`` becomes the maximum factor. Every other model is left to vLLM untouched.
+
+Keys read (besides vLLM's own): ``factor`` (maximum factor; vLLM then serves ``max_position_embeddings
+* factor`` tokens), ``original_max_position_embeddings`` (L; default ``max_position_embeddings``),
+``buckets``, ``generation_reserve``, ``finetuned_factor``, and YaRN's knobs. Invalid values raise
+``rope_ext.RopeConfigError`` naming the field, exactly as ``rope_ext`` does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from rope_ext import RopeScaling
+
+DYNAMIC_ROPE_TYPES = frozenset({"dynamic_yarn", "dynamic_ntk", "dynamic_linear"})
+SWITCH_ENV = "ROPESERVE_DYNAMIC_ROPE"
+
+
+def yarn_switch_enabled() -> bool:
+    return os.environ.get(SWITCH_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def scaling_from_rope_parameters(rope_parameters: Mapping[str, Any] | None,
+                                 max_position_embeddings: int | None) -> RopeScaling | None:
+    """The model's per-request scaling settings, or None when the plugin should leave it alone."""
+    if not rope_parameters:
+        return None
+    params = dict(rope_parameters)
+    rope_type = params.get("rope_type", params.get("type"))
+    if rope_type == "yarn" and yarn_switch_enabled():
+        params["rope_type"] = "dynamic_yarn"
+    elif rope_type not in DYNAMIC_ROPE_TYPES:
+        return None
+    if "mrope_section" in params:
+        return None  # multimodal M-RoPE keeps vLLM's own handling
+    return RopeScaling.from_rope_parameters(params, max_position_embeddings=max_position_embeddings)
+
+
+def scaling_for_model(model_config: Any) -> RopeScaling | None:
+    """Scaling settings of a vLLM ``ModelConfig`` (None when the model does not ask for the plugin)."""
+    hf_config = model_config.hf_text_config
+    return scaling_from_rope_parameters(getattr(hf_config, "rope_parameters", None),
+                                        getattr(hf_config, "max_position_embeddings", None))
