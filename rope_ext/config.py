@@ -38,8 +38,9 @@ class RotaryConfig:
     def __post_init__(self) -> None:
         if isinstance(self.rotary_dim, bool) or not isinstance(self.rotary_dim, int):
             raise RopeConfigError("rotary_dim", f"must be an integer (got {self.rotary_dim!r})")
-        if self.rotary_dim < 2 or self.rotary_dim % 2:
-            raise RopeConfigError("rotary_dim", f"must be an even integer >= 2 (got {self.rotary_dim})")
+        # >= 4: NTK's base exponent d / (d - 2) is undefined at d = 2.
+        if self.rotary_dim < 4 or self.rotary_dim % 2:
+            raise RopeConfigError("rotary_dim", f"must be an even integer >= 4 (got {self.rotary_dim})")
         _check_finite("base", self.base)
         if self.base <= 1:
             raise RopeConfigError("base", f"must be > 1 (got {self.base})")

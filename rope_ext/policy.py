@@ -58,8 +58,10 @@ def choose_factor(prompt_tokens: int, max_tokens: int | None, scaling: RopeScali
     length = planned_length(prompt_tokens, max_tokens, scaling)
     if override is not None:
         needed = validate_override(override, scaling)
-    elif length <= scaling.original_max_position:
-        needed = 1.0
-    else:
-        needed = length / scaling.original_max_position
-    return smallest_bucket_at_least(max(needed, scaling.finetuned_factor), scaling)
+        return smallest_bucket_at_least(max(needed, scaling.finetuned_factor), scaling)
+    # "bucket >= length / L", tested as "capacity(bucket) >= length": the rounded division could pick a
+    # bucket one token too small (L=1285, bucket 1.4: 1799 / 1285 rounds to 1.4, but capacity is 1798).
+    for bucket in scaling.buckets:
+        if bucket >= scaling.finetuned_factor and scaling.capacity(bucket) >= length:
+            return bucket
+    return scaling.buckets[-1]

@@ -1,0 +1,88 @@
+"""The per-request scale policy by example, for the default model's settings: L = 8192, served up to
+s = 8 (buckets 1, 2, 4, 8), a 512-token generation reserve when a request gives no ``max_tokens``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from rope_ext import RopeScaling, choose_factor, planned_length
+
+DEFAULT = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0)
+
+
+def test_default_settings() -> None:
+    assert DEFAULT.buckets == (1.0, 2.0, 4.0, 8.0)
+    assert DEFAULT.generation_reserve == 512
+    assert DEFAULT.max_context == 65536
+
+
+@pytest.mark.parametrize(("prompt", "max_tokens", "factor"), [
+    (100, None, 1.0),       # short: plain RoPE
+    (8000, None, 2.0),      # 8000 + the 512 reserve = 8512 > 8192
+    (8000, 100, 1.0),       # 8100 fits in L
+    (8000, 192, 1.0),       # 8192 exactly: still s = 1
+    (8000, 193, 2.0),       # one token over L
+    (12000, 256, 2.0),      # 12256 / 8192 = 1.5
+    (16384, 0, 2.0),        # exactly 2 L
+    (16385, 0, 4.0),
+    (40000, 0, 8.0),        # 40000 / 8192 = 4.9
+    (65536, 0, 8.0),        # the served context
+    (70000, 0, 8.0),        # past it: the largest bucket (admission rejects such a request elsewhere)
+    (0, 0, 1.0),
+])
+def test_examples(prompt: int, max_tokens: int | None, factor: float) -> None:
+    assert choose_factor(prompt, max_tokens, DEFAULT) == factor
+
+
+def test_planned_length_uses_the_reserve_only_without_max_tokens() -> None:
+    assert planned_length(8000, None, DEFAULT) == 8512
+    assert planned_length(8000, 0, DEFAULT) == 8000
+    assert planned_length(8000, 100, DEFAULT) == 8100
+
+
+@pytest.mark.parametrize(("override", "factor"), [(1, 1.0), (1.5, 2.0), (2, 2.0), (3, 4.0), (4.0, 4.0), (8, 8.0)])
+def test_override_rounds_up_to_a_bucket(override: float, factor: float) -> None:
+    assert choose_factor(100, None, DEFAULT, override=override) == factor
+
+
+def test_override_replaces_the_needed_scale_even_when_smaller() -> None:
+    # The client's explicit choice wins; it may then run out of room, which the server reports.
+    assert choose_factor(40000, 0, DEFAULT, override=2) == 2.0
+
+
+def test_finetuned_factor_is_a_floor() -> None:
+    tuned = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, finetuned_factor=2.0)
+    assert choose_factor(100, None, tuned) == 2.0
+    assert choose_factor(100, None, tuned, override=1) == 2.0
+    assert choose_factor(12000, 256, tuned) == 2.0
+    assert choose_factor(20000, 0, tuned) == 4.0
+    assert choose_factor(100, None, tuned, override=3) == 4.0
+
+
+def test_finetuned_factor_between_buckets_rounds_up() -> None:
+    tuned = RopeScaling(original_max_position=8192, max_factor=8.0, finetuned_factor=3.0)
+    assert choose_factor(100, None, tuned) == 4.0
+
+
+def test_custom_buckets_and_reserve() -> None:
+    scaling = RopeScaling(original_max_position=4096, max_factor=6.0, buckets=(1, 1.5, 3, 6), generation_reserve=0)
+    assert [choose_factor(n, None, scaling) for n in (4096, 4097, 6144, 6145, 12288, 12289)] == [
+        1.0, 1.5, 1.5, 3.0, 3.0, 6.0]
+
+
+def test_bucket_capacity_is_compared_in_tokens() -> None:
+    # Regression: 1799 / 1285 rounds to 1.4, yet floor(1285 * 1.4) = 1798 (1.4 is 1.3999... in binary), so
+    # the request needs the next bucket.
+    scaling = RopeScaling(original_max_position=1285, max_factor=8.0, buckets=(1, 1.4, 2, 4, 8),
+                          generation_reserve=0)
+    assert scaling.capacity(1.4) == 1798
+    assert choose_factor(1798, None, scaling) == 1.4
+    assert choose_factor(1799, None, scaling) == 2.0
+
+
+def test_decision_depends_only_on_the_request() -> None:
+    # Same request, same settings, same answer, whatever was asked before (no hidden grow-only state).
+    first = choose_factor(100, None, DEFAULT)
+    choose_factor(60000, 0, DEFAULT)
+    assert choose_factor(100, None, DEFAULT) == first == 1.0
