@@ -1,0 +1,67 @@
+"""Admission of one generation request: the context check and the RoPE factor, decided once, purely.
+
+Given the prompt's token count (from the engine's ``/tokenize``), the request's ``max_tokens`` (or None) and
+its optional ``rope_factor`` / ``rope_method``, :func:`admit` either refuses the request (400, before it
+reaches an engine) or returns the factor it runs at, from :func:`rope_ext.choose_factor`. The gateway sends
+that factor to the engine as ``vllm_xargs.rope_factor``, so both sides use the same scale::
+
+    admission = admit(prompt_tokens=12000, max_tokens=256, scaling=scaling)   # Admission(factor=2.0, ...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from rope_ext import RopeScaling, choose_factor, planned_length
+from server.errors import ContextLengthExceeded, InvalidRequest
+
+PLAIN_ROPE = "default"
+
+
+@dataclasses.dataclass(frozen=True)
+class Admission:
+    prompt_tokens: int
+    max_tokens: int | None
+    planned_tokens: int
+    factor: float
+
+
+def resolve_override(rope_factor: object | None, rope_method: str | None, xargs_factor: object | None,
+                     scaling: RopeScaling) -> object | None:
+    """The factor a client asked for, from ``rope_factor``, ``vllm_xargs.rope_factor`` or ``rope_method``
+    (validated later by :func:`rope_ext.validate_override`), or None to let the policy choose."""
+    if xargs_factor is not None:
+        if rope_factor is not None and xargs_factor != rope_factor:
+            raise InvalidRequest(f"rope_factor ({rope_factor}) and vllm_xargs.rope_factor ({xargs_factor}) "
+                                 "disagree; set one of them", param="rope_factor")
+        rope_factor = xargs_factor
+    if rope_method is None or rope_method == scaling.method:
+        return rope_factor
+    if rope_method != PLAIN_ROPE:
+        raise InvalidRequest(f"rope_method {rope_method!r} is not served here; served methods: "
+                             f"{scaling.method!r}, {PLAIN_ROPE!r} (plain RoPE)", param="rope_method")
+    if scaling.finetuned_factor > 1:
+        raise InvalidRequest(f"rope_method {PLAIN_ROPE!r} is not available: the model was fine-tuned at "
+                             f"factor {scaling.finetuned_factor:g} and never runs below it",
+                             param="rope_method")
+    if rope_factor is not None and rope_factor != 1:
+        raise InvalidRequest(f"rope_method {PLAIN_ROPE!r} means factor 1, but rope_factor is {rope_factor}",
+                             param="rope_method")
+    return 1.0
+
+
+def admit(prompt_tokens: int, max_tokens: int | None, scaling: RopeScaling, *, override: object | None = None,
+          prompt_param: str = "prompt") -> Admission:
+    """Refuse a request that cannot fit the served context, else choose its factor (see module docstring)."""
+    limit = scaling.max_context
+    if prompt_tokens > limit:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {limit} tokens. However, your prompt has "
+            f"{prompt_tokens} tokens. Please reduce the length of the prompt.", param=prompt_param)
+    if max_tokens is not None and prompt_tokens + max_tokens > limit:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
+            "completion). Please reduce the length of the prompt or max_tokens.", param="max_tokens")
+    factor = choose_factor(prompt_tokens, max_tokens, scaling, override=override)
+    return Admission(prompt_tokens, max_tokens, planned_length(prompt_tokens, max_tokens, scaling), factor)

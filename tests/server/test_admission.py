@@ -1,0 +1,82 @@
+"""Admission: the context check and the factor, as pure functions (no HTTP)."""
+
+from __future__ import annotations
+
+import pytest
+
+from rope_ext import RopeConfigError, RopeScaling, choose_factor
+from server.admission import admit, resolve_override
+from server.errors import ContextLengthExceeded, InvalidRequest
+
+SCALING = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0)
+
+
+@pytest.mark.parametrize("prompt", [0, 1, 7680, 7681, 8192, 12000, 16384, 30000, 40000, 65000])
+@pytest.mark.parametrize("max_tokens", [None, 0, 16, 512])
+def test_factor_is_the_policy_choice(prompt: int, max_tokens: int | None) -> None:
+    if max_tokens is not None and prompt + max_tokens > SCALING.max_context:
+        pytest.skip("over the context; covered below")
+    admission = admit(prompt, max_tokens, SCALING)
+    assert admission.factor == choose_factor(prompt, max_tokens, SCALING)
+    assert admission.prompt_tokens == prompt and admission.max_tokens == max_tokens
+
+
+def test_examples_of_the_policy() -> None:
+    assert admit(100, 100, SCALING).factor == 1.0
+    assert admit(8000, 192, SCALING).factor == 1.0   # exactly L: plain RoPE
+    assert admit(8000, 193, SCALING).factor == 2.0
+    assert admit(8000, None, SCALING).factor == 2.0  # the 512-token reserve makes it longer than L
+    assert admit(12000, 256, SCALING).factor == 2.0
+    assert admit(20000, 16, SCALING).factor == 4.0
+    assert admit(65536, 0, SCALING).factor == 8.0
+
+
+def test_prompt_over_the_context_is_refused() -> None:
+    with pytest.raises(ContextLengthExceeded) as info:
+        admit(65537, None, SCALING, prompt_param="messages")
+    assert info.value.param == "messages" and info.value.code == "context_length_exceeded"
+    assert "65536" in info.value.message and "65537" in info.value.message
+
+
+def test_prompt_plus_max_tokens_over_the_context_is_refused() -> None:
+    admit(65000, 536, SCALING)  # exactly the context: fine
+    with pytest.raises(ContextLengthExceeded) as info:
+        admit(65000, 537, SCALING)
+    assert info.value.param == "max_tokens" and info.value.status_code == 400
+
+
+def test_override_is_rounded_up_to_a_bucket_and_validated() -> None:
+    assert admit(100, 10, SCALING, override=3).factor == 4.0
+    assert admit(30000, 10, SCALING, override=1).factor == 1.0  # the client's choice, even when short
+    for bad in (0.5, 9, float("nan"), "2", True):
+        with pytest.raises(RopeConfigError) as info:
+            admit(100, 10, SCALING, override=bad)
+        assert info.value.field == "rope_factor"
+
+
+def test_rope_method() -> None:
+    assert resolve_override(None, None, None, SCALING) is None
+    assert resolve_override(None, "dynamic_yarn", None, SCALING) is None
+    assert resolve_override(2.0, "dynamic_yarn", None, SCALING) == 2.0
+    assert resolve_override(None, "default", None, SCALING) == 1.0
+    assert resolve_override(1, "default", None, SCALING) == 1.0
+    with pytest.raises(InvalidRequest, match="means factor 1"):
+        resolve_override(2.0, "default", None, SCALING)
+    with pytest.raises(InvalidRequest, match="not served here") as info:
+        resolve_override(None, "yarn", None, SCALING)
+    assert info.value.param == "rope_method"
+
+
+def test_plain_rope_is_refused_for_a_finetuned_model() -> None:
+    finetuned = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0,
+                            finetuned_factor=2.0)
+    with pytest.raises(InvalidRequest, match="fine-tuned"):
+        resolve_override(None, "default", None, finetuned)
+    assert admit(100, 10, finetuned).factor == 2.0  # the floor
+
+
+def test_vllm_xargs_factor_counts_as_an_override() -> None:
+    assert resolve_override(None, None, 4, SCALING) == 4
+    assert resolve_override(4, None, 4, SCALING) == 4
+    with pytest.raises(InvalidRequest, match="disagree"):
+        resolve_override(2, None, 4, SCALING)
