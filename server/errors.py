@@ -149,9 +149,8 @@ def envelope(message: str, error_type: str, *, param: str | None = None, code: A
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
-def _validation_param(loc: tuple[Any, ...]) -> str | None:
-    parts = [str(part) for part in loc if part not in ("body", "query", "path", "header")]
-    return ".".join(parts) or None
+def _validation_where(loc: tuple[Any, ...]) -> list[str]:
+    return [str(part) for part in loc if part not in ("body", "query", "path", "header")]
 
 
 def error_response(exc: BaseException) -> JSONResponse:
@@ -167,9 +166,11 @@ def error_response(exc: BaseException) -> JSONResponse:
         status = 400
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        param = _validation_param(tuple(first.get("loc", ())))
+        where = _validation_where(tuple(first.get("loc", ())))
+        param = where[0] if where else None  # the top-level field, as OpenAI names it
         message = "; ".join(
-            f"{_validation_param(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors[:5]
+            f"{'.'.join(_validation_where(tuple(e.get('loc', ())))) or 'body'}: {e.get('msg')}"
+            for e in errors[:5]
         ) or "invalid request"
         body = envelope(message, "invalid_request_error", param=param, code="invalid_value")
     elif isinstance(exc, StarletteHTTPException):

@@ -1,0 +1,213 @@
+"""The OpenAI generation routes' work: count the prompt, admit, forward to an engine, relay the answer.
+
+For every request: the prompt's tokens are counted by an engine's ``/tokenize`` (which applies the chat
+template for chat), :func:`server.admission.admit` refuses what cannot fit and chooses the RoPE factor, and
+the request goes to the least-loaded healthy engine with ``vllm_xargs.rope_factor`` set to that factor
+(every other field as the client sent it). Non-streaming answers are returned as the engine wrote them;
+streams are relayed chunk by chunk as they arrive, and closing the client connection closes the engine's
+stream (vLLM then aborts the request). Both carry ``x-rope-factor``::
+
+    generation = Generation(pool, scaling, "SmolLM2-135M-Instruct", metrics)
+    response = await generation.handle("/v1/chat/completions", ChatCompletionRequest(...))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import httpx
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from rope_ext import RopeConfigError, RopeScaling
+from server.admission import Admission, admit, resolve_override
+from server.errors import EngineError, GatewayError, ModelNotFound, envelope
+from server.metrics import GatewayMetrics
+from server.schemas import ChatCompletionRequest, CompletionRequest
+from server.upstreams import EnginePool, Lease
+
+logger = logging.getLogger(__name__)
+
+FACTOR_HEADER = "x-rope-factor"
+COMPLETIONS = "/v1/completions"
+CHAT = "/v1/chat/completions"
+
+
+def format_factor(factor: float) -> str:
+    """The header value of a factor: ``2.0`` -> ``"2"``, ``1.5`` -> ``"1.5"``."""
+    return f"{factor:g}"
+
+
+class Generation:
+    def __init__(self, pool: EnginePool, scaling: RopeScaling, model: str, metrics: GatewayMetrics) -> None:
+        self.pool = pool
+        self.scaling = scaling
+        self.model = model
+        self.metrics = metrics
+
+    def resolve_model(self, requested: str | None) -> str:
+        if requested is None or requested == self.model:
+            return self.model
+        raise ModelNotFound(f"The model `{requested}` does not exist. This gateway serves `{self.model}`.",
+                            param="model")
+
+    # --- token counting through the engine --------------------------------------------------------------
+
+    async def count_text(self, text: str, *, add_special_tokens: bool = True) -> int:
+        result = await self.pool.post_json(
+            "/tokenize", {"model": self.model, "prompt": text, "add_special_tokens": add_special_tokens})
+        return int(result["count"])
+
+    async def count_prompt(self, request: CompletionRequest | ChatCompletionRequest) -> int:
+        """Tokens of the longest prompt of the request (a batch of prompts shares one factor)."""
+        if isinstance(request, ChatCompletionRequest):
+            result = await self.pool.post_json("/tokenize", request.tokenize_body(self.model))
+            return int(result["count"])
+        prompt = request.prompt
+        if isinstance(prompt, str):
+            return await self.count_text(prompt, add_special_tokens=request.add_special_tokens)
+        if all(isinstance(p, int) for p in prompt):
+            return len(prompt)
+        counts = [len(p) for p in prompt if isinstance(p, list)]
+        counts += await asyncio.gather(*(
+            self.count_text(p, add_special_tokens=request.add_special_tokens) for p in prompt if isinstance(p, str)
+        ))
+        return max(counts)
+
+    # --- admission and forwarding ---------------------------------------------------------------------
+
+    async def admit(self, route: str, request: CompletionRequest | ChatCompletionRequest
+                    ) -> tuple[Admission, dict[str, Any]]:
+        """The admission of a request (recorded in the metrics) and the body to send to the engine."""
+        model = self.resolve_model(request.model)
+        xargs = dict(request.vllm_xargs or {})
+        prompt_param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
+        with self._counting_rejections():
+            override = resolve_override(request.rope_factor, request.rope_method, xargs.get("rope_factor"),
+                                        self.scaling)
+        prompt_tokens = await self.count_prompt(request)
+        with self._counting_rejections():
+            admission = admit(prompt_tokens, request.max_new_tokens(), self.scaling, override=override,
+                              prompt_param=prompt_param)
+        self.metrics.rope_factor.observe(admission.factor)
+        self.metrics.prompt_tokens.labels(route).inc(admission.prompt_tokens)
+        body = request.forwarded()
+        body["model"] = model
+        xargs["rope_factor"] = admission.factor
+        body["vllm_xargs"] = xargs
+        return admission, body
+
+    @contextlib.contextmanager
+    def _counting_rejections(self) -> Iterator[None]:
+        try:
+            yield
+        except (GatewayError, RopeConfigError):
+            self.metrics.rejected.inc()
+            raise
+
+    async def handle(self, route: str, request: CompletionRequest | ChatCompletionRequest) -> Response:
+        """Serve one client request of ``route`` (``COMPLETIONS`` or ``CHAT``)."""
+        admission, body = await self.admit(route, request)
+        headers = {FACTOR_HEADER: format_factor(admission.factor)}
+        if request.stream:
+            return await self._stream(route, body, headers)
+        _, raw = await self.post(route, body)
+        return Response(raw, media_type="application/json", headers=headers)
+
+    async def complete(self, metrics_route: str, request: CompletionRequest) -> tuple[Admission, dict[str, Any]]:
+        """A non-streaming completion made by the gateway itself (the passkey check), admitted like any
+        request; metrics are recorded under ``metrics_route``."""
+        admission, body = await self.admit(metrics_route, request)
+        data, _ = await self.post(COMPLETIONS, body, metrics_route=metrics_route)
+        return admission, data
+
+    async def post(self, route: str, body: dict[str, Any], *, metrics_route: str | None = None
+                   ) -> tuple[dict[str, Any], bytes]:
+        """A non-streaming generation call; returns the parsed and the raw answer."""
+        lease, response = await self.pool.send(
+            lambda engine: engine.client.build_request("POST", route, json=body))
+        lease.release()
+        if response.status_code >= 400:
+            raise EngineError(response.status_code, response.content)
+        data = response.json()
+        self._count_usage(metrics_route or route, data)
+        return data, response.content
+
+    async def _stream(self, route: str, body: dict[str, Any], headers: dict[str, str]) -> Response:
+        lease, response = await self.pool.send(
+            lambda engine: engine.client.build_request("POST", route, json=body), stream=True)
+        if response.status_code >= 400:
+            try:
+                content = await response.aread()
+            finally:
+                await response.aclose()
+                lease.release()
+            raise EngineError(response.status_code, content)
+        headers = {**headers, "cache-control": "no-cache", "x-accel-buffering": "no"}
+        return RelayResponse(self._relay(route, lease, response), media_type="text/event-stream",
+                             headers=headers)
+
+    async def _relay(self, route: str, lease: Lease, response: httpx.Response) -> AsyncIterator[bytes]:
+        scanner = UsageScanner()
+        started = time.monotonic()
+        try:
+            async for chunk in response.aiter_raw():
+                scanner.feed(chunk)
+                yield chunk
+        except httpx.HTTPError as exc:
+            logger.warning("engine %s failed mid-stream after %.1f s: %s", lease.engine.url,
+                           time.monotonic() - started, exc)
+            self.pool.eject(lease.engine, f"stream broke: {type(exc).__name__}")
+            error = envelope(f"the engine failed while streaming: {type(exc).__name__}", "server_error",
+                             code="engine_connection_lost")
+            yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
+        finally:
+            with anyio.CancelScope(shield=True):  # the client may have gone: still close the engine stream
+                await response.aclose()
+            lease.release()
+            if scanner.completion_tokens is not None:
+                self.metrics.generated_tokens.labels(route).inc(scanner.completion_tokens)
+
+    def _count_usage(self, route: str, data: Any) -> None:
+        usage = data.get("usage") if isinstance(data, dict) else None
+        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+            self.metrics.generated_tokens.labels(route).inc(usage["completion_tokens"])
+
+
+class UsageScanner:
+    """Reads the ``usage`` of an SSE stream from copies of its chunks (the relay never waits for it)."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self.completion_tokens: int | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        lines = (self._pending + chunk).split(b"\n")
+        self._pending = lines.pop()
+        for line in lines:
+            if line.startswith(b"data:") and b'"completion_tokens"' in line:
+                try:
+                    usage = json.loads(line[5:]).get("usage")
+                except (ValueError, AttributeError):
+                    continue
+                if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+                    self.completion_tokens = usage["completion_tokens"]
+
+
+class RelayResponse(StreamingResponse):
+    """A streaming response that always closes its iterator (and so the engine's stream) when it ends,
+    including when the client disconnects."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
