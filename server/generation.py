@@ -164,7 +164,6 @@ class Generation:
         except httpx.HTTPError as exc:
             logger.warning("engine %s failed mid-stream after %.1f s: %s", lease.engine.url,
                            time.monotonic() - started, exc)
-            self.pool.eject(lease.engine, f"stream broke: {type(exc).__name__}")
             error = envelope(f"the engine failed while streaming: {type(exc).__name__}", "server_error",
                              code="engine_connection_lost")
             yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()

@@ -233,9 +233,8 @@ class EnginePool:
                 lease.release()
                 raise EngineTimeout(f"the engine did not answer within the request timeout ({engine.url})") \
                     from None
-            except httpx.TransportError as exc:
-                lease.release()
-                self.eject(engine, _describe(exc))
+            except httpx.TransportError as exc:  # the request may have reached it: no retry; the health
+                lease.release()                    # checks decide whether the engine itself is down
                 raise EngineConnectionLost(f"lost the connection to the engine: {_describe(exc)}") from None
             except BaseException:
                 lease.release()
