@@ -125,7 +125,8 @@ class GatewaySettings(BaseSettings):
     # --- access ---------------------------------------------------------------------------------------
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="Accepted API keys (comma-separated). When any is set, every "
-        "route except /healthz and /readyz needs `Authorization: Bearer <key>`. Never logged.")
+        "route except /healthz and /readyz needs `Authorization: Bearer <key>`. Never logged; prefer the "
+        "environment or the config file to the flag, which other users can see in `ps`.")
     max_body_bytes: int = Field(
         16 * 1024 * 1024, gt=0, description="Largest request body accepted, in bytes (413 beyond).")
     cors_allow_origins: CommaList = Field(
@@ -236,9 +237,15 @@ def load_config_file(path: Path) -> dict[str, Any]:
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
     elif path.suffix.lower() == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"config file {path} is not valid JSON: {exc}") from None
     else:
         raise ValueError(f"config file {path} must end in .yaml, .yml or .json")
     if data is None:

@@ -17,6 +17,7 @@ import pytest
 from server.app import create_app
 from tests.server.conftest import settings_for
 from tests.server.fake_engine import MODEL, FakeEngine
+from tests.server.helpers import wait_until
 from tests.server.servers import serve_in_thread
 
 TIMEOUT = httpx.Timeout(5.0)
@@ -27,14 +28,6 @@ def running_gateway(urls: list[str], **overrides) -> Iterator[tuple[str, object]
     app = create_app(settings_for(urls, **overrides))
     with serve_in_thread(app) as url:
         yield url, app
-
-
-def wait_for(condition, timeout: float = 5.0) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
 
 
 def sse_events(body: str) -> list[str]:
@@ -73,8 +66,8 @@ def test_client_disconnect_closes_the_engine_stream() -> None:
             time.sleep(0.1)
             assert app.state.pool.engines[0].in_flight == 1 and engine.streams_cancelled == 0
         # the client left with the engine still generating
-        wait_for(lambda: engine.streams_cancelled == 1)
-        wait_for(lambda: app.state.pool.engines[0].in_flight == 0)
+        wait_until(lambda: engine.streams_cancelled == 1)
+        wait_until(lambda: app.state.pool.engines[0].in_flight == 0)
     assert engine.streams_finished == 0
 
 
@@ -111,7 +104,7 @@ def test_refused_engine_is_ejected_and_recovers() -> None:
             assert not dead.healthy and "ConnectError" in dead.last_error
             assert len(alive.requests) == 3
             with serve_in_thread(revived.app, sock=dead_socket):  # the engine comes back on its port
-                wait_for(lambda: dead.healthy)
+                wait_until(lambda: dead.healthy)
                 for _ in range(4):
                     assert client.post("/v1/completions",
                                        json={"prompt": "hi", "max_tokens": 1}).status_code == 200
