@@ -193,7 +193,7 @@ class EngineProcess:
                                            f"{self.start_timeout_s:g} s")
                 try:
                     await asyncio.wait_for(self._process.wait(), self.poll_interval_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
 
     async def _supervise(self) -> None:
@@ -238,7 +238,7 @@ class EngineProcess:
             self._kill_group(signal.SIGTERM)
             try:
                 await asyncio.wait_for(process.wait(), self.stop_timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 logger.warning("engine did not stop within %g s; killing it", self.stop_timeout_s)
         self._kill_group(signal.SIGKILL)  # whatever is left of the group, leader or children
         await process.wait()

@@ -158,7 +158,7 @@ class Generation:
         scanner = UsageScanner()
         started = time.monotonic()
         try:
-            async for chunk in response.aiter_raw():
+            async for chunk in response.aiter_bytes():  # as they arrive (decoded if the engine compressed)
                 scanner.feed(chunk)
                 yield chunk
         except httpx.HTTPError as exc:

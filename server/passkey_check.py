@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from server.errors import GatewayError, InvalidRequest, PasskeyBusy, envelope
-from server.generation import COMPLETIONS, Generation
+from server.generation import Generation
 from server.metrics import GatewayMetrics
 from server.passkey import MAX_NEW_TOKENS, PasskeyBuildError, abuild_passkey_prompt, parse_answer
 from server.schemas import CompletionRequest

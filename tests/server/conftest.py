@@ -48,7 +48,8 @@ async def gateway(engines: list[FakeEngine], **overrides: Any) -> AsyncIterator[
     """A running gateway app in front of ``engines``; the client's ``app`` attribute is the app."""
     urls = fake_urls(len(engines))
     settings = settings_for(urls, **overrides)
-    pool = EnginePool.from_settings(settings, transports={u: e.transport() for u, e in zip(urls, engines)})
+    transports = {url: engine.transport() for url, engine in zip(urls, engines, strict=True)}
+    pool = EnginePool.from_settings(settings, transports=transports)
     app = create_app(settings, engine_pool=pool)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway.test",

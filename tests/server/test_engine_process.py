@@ -46,7 +46,8 @@ def test_default_command_is_the_engine_contract() -> None:
 def test_command_follows_the_settings() -> None:
     settings = GatewaySettings(rope_original_max_position=4096, rope_max_factor=4, rope_buckets="1,1.5,4",
                                rope_finetuned_factor=1.5, rope_generation_reserve=128, served_model_name="m",
-                               engine_dtype="float32", engine_python="/opt/py", engine_extra_args="--max-num-seqs 2 --seed 7")
+                               engine_dtype="float32", engine_python="/opt/py",
+                               engine_extra_args="--max-num-seqs 2 --seed 7")
     command = engine_command(settings, model_dir=Path("/m"), port=9, rope_theta=500000.0)
     assert command[0] == "/opt/py" and command[-4:] == ["--max-num-seqs", "2", "--seed", "7"]
     assert command[command.index("--max-model-len") + 1] == "16384"
@@ -85,7 +86,8 @@ async def test_embedded_engine_from_settings(tmp_path: Path) -> None:
 
 
 def test_engine_env() -> None:
-    assert engine_env(GatewaySettings(engine_kvcache_gib=2.5), {"A": "1"}) == {"A": "1", "VLLM_CPU_KVCACHE_SPACE": "2.5"}
+    env = engine_env(GatewaySettings(engine_kvcache_gib=2.5), {"A": "1"})
+    assert env == {"A": "1", "VLLM_CPU_KVCACHE_SPACE": "2.5"}
 
 
 def tiny(port: int, *args: str) -> list[str]:

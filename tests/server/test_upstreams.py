@@ -17,8 +17,9 @@ pytestmark = pytest.mark.anyio
 
 def make_pool(engines: list[FakeEngine], *, eject_after: int = 2, max_model_len: int = 65536) -> EnginePool:
     urls = fake_urls(len(engines))
+    transports = {url: engine.transport() for url, engine in zip(urls, engines, strict=True)}
     return EnginePool(urls, model=MODEL, max_model_len=max_model_len, eject_after_failures=eject_after,
-                      health_interval_s=3600, transports={u: e.transport() for u, e in zip(urls, engines)})
+                      health_interval_s=3600, transports=transports)
 
 
 def get_models(engine: Engine) -> httpx.Request:
