@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3.11}
 VENV=${VENV:-.venv}
-LOCK=requirements/cpu.lock
+LOCK=${LOCK:-requirements/cpu.lock}
 want_model=1
 [[ "${1:-}" == "--no-model" ]] && want_model=0
 

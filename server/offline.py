@@ -1,0 +1,144 @@
+"""Run batches of prompts through ``vllm.LLM`` in a child process and return plain, JSON-able results.
+
+Tests and benchmarks compare engines (stock vLLM, static YaRN, the plugin) on identical inputs. Each
+engine configuration runs in a fresh child process (vLLM engines spawn their own processes, hold
+memory until exit and cannot be restarted with other settings in one process), once for a whole list
+of batches::
+
+    results = run_offline(EngineSpec(model=DIR, dtype="float32", hf_overrides={...}),
+                          [[Request(prompt_token_ids=ids, max_tokens=8)], ...])
+
+Within one batch all requests are submitted together, so they share engine steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    """Keyword arguments of ``vllm.LLM`` plus the environment of the child process."""
+
+    model: str
+    dtype: str = "bfloat16"
+    max_model_len: int | None = None
+    hf_overrides: dict[str, Any] | None = None
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 16
+    kv_cache_gib: int = 4
+    seed: int = 0
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # any other vllm.LLM keyword
+
+    def llm_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "model": self.model, "dtype": self.dtype, "enforce_eager": True, "seed": self.seed,
+            "enable_prefix_caching": self.enable_prefix_caching, "max_num_seqs": self.max_num_seqs,
+        }
+        if self.max_model_len is not None:
+            kwargs["max_model_len"] = self.max_model_len
+        if self.hf_overrides is not None:
+            kwargs["hf_overrides"] = self.hf_overrides
+        return {**kwargs, **self.extra}
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One prompt (token ids, or text) and how to generate from it (greedy unless told otherwise)."""
+
+    prompt_token_ids: list[int] | None = None
+    prompt: str | None = None
+    max_tokens: int = 8
+    temperature: float = 0.0
+    logprobs: int | None = 1
+    prompt_logprobs: int | None = None
+    extra_args: dict[str, Any] | None = None
+    cache_salt: str | None = None  # a fresh salt keeps the request away from the prefix cache
+
+
+@dataclasses.dataclass
+class Result:
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]  # logprob of each generated token
+    prompt_logprobs: list[float | None] | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    seconds: float
+
+
+def _chosen_logprob(step: dict, token_id: int) -> float:
+    return step[token_id].logprob
+
+
+def _run_in_child(spec: dict, batches: list[list[dict]]) -> list[list[dict]]:
+    import time
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(**EngineSpec(**spec).llm_kwargs())
+    out: list[list[dict]] = []
+    for batch in batches:
+        prompts, params = [], []
+        for req in map(lambda r: Request(**r), batch):
+            if req.prompt_token_ids is not None:
+                prompt = TokensPrompt(prompt_token_ids=req.prompt_token_ids)
+            else:
+                prompt = {"prompt": req.prompt}
+            if req.cache_salt is not None:
+                prompt["cache_salt"] = req.cache_salt
+            prompts.append(prompt)
+            params.append(SamplingParams(temperature=req.temperature, max_tokens=req.max_tokens,
+                                         logprobs=req.logprobs, prompt_logprobs=req.prompt_logprobs,
+                                         extra_args=req.extra_args, ignore_eos=True))
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        batch_results = []
+        for output in outputs:
+            completion = output.outputs[0]
+            logprobs = ([_chosen_logprob(step, tok) for step, tok in zip(completion.logprobs, completion.token_ids)]
+                        if completion.logprobs else [])
+            prompt_lps = None
+            if output.prompt_logprobs is not None:
+                prompt_lps = [None if step is None else _chosen_logprob(step, tok)
+                              for step, tok in zip(output.prompt_logprobs, output.prompt_token_ids)]
+            batch_results.append(dataclasses.asdict(Result(
+                token_ids=list(completion.token_ids), text=completion.text, logprobs=logprobs,
+                prompt_logprobs=prompt_lps, num_prompt_tokens=len(output.prompt_token_ids),
+                num_cached_tokens=output.num_cached_tokens or 0, seconds=seconds)))
+        out.append(batch_results)
+    return out
+
+
+def run_offline(spec: EngineSpec, batches: list[list[Request]], *, timeout: float = 1800) -> list[list[Result]]:
+    """Start one engine with ``spec`` in a child process, run ``batches`` in order, return their results."""
+    with tempfile.TemporaryDirectory(prefix="ropeserve-offline-") as tmp:
+        job, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job.write_text(json.dumps({"spec": dataclasses.asdict(spec),
+                                   "batches": [[dataclasses.asdict(r) for r in b] for b in batches]}))
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(spec.kv_cache_gib), **spec.env}
+        proc = subprocess.run([sys.executable, "-m", "server.offline", str(job), str(result)], env=env,
+                              timeout=timeout, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"offline engine failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
+        raw = json.loads(result.read_text())
+    return [[Result(**r) for r in batch] for batch in raw]
+
+
+def main(job_path: str, result_path: str) -> None:
+    job = json.loads(Path(job_path).read_text())
+    Path(result_path).write_text(json.dumps(_run_in_child(job["spec"], job["batches"])))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

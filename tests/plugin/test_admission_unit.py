@@ -1,0 +1,103 @@
+"""Admission in the front end: the factor chosen, recorded and validated on real vLLM request objects.
+
+No engine runs here: ``admit`` is applied to ``EngineCoreRequest``/``SamplingParams`` exactly as the
+patched ``InputProcessor.process_inputs`` applies it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from rope_ext import RopeScaling
+from rope_ext.vllm_plugin.admission import admit, requested_max_tokens, salt_for
+from rope_ext.vllm_plugin.config import scaling_from_rope_parameters
+
+pytest.importorskip("vllm")
+
+L = 8192
+SCALING = RopeScaling(method="dynamic_yarn", original_max_position=L, max_factor=8.0)
+MAX_MODEL_LEN = SCALING.max_context
+
+
+def _request(prompt_len: int, max_tokens: int | None, extra_args=None, cache_salt=None):
+    from vllm import SamplingParams
+    from vllm.v1.engine import EngineCoreRequest
+
+    return EngineCoreRequest(
+        request_id="r", prompt_token_ids=[1] * prompt_len, mm_features=None,
+        sampling_params=SamplingParams(max_tokens=max_tokens, extra_args=extra_args), pooling_params=None,
+        arrival_time=time.time(), lora_request=None, cache_salt=cache_salt, data_parallel_rank=None)
+
+
+@pytest.mark.parametrize("prompt_len,max_tokens,expected", [
+    (100, 16, 1.0),
+    (8000, 100, 1.0),
+    (8100, 92, 1.0),        # exactly L
+    (8100, 93, 2.0),        # one token past L
+    (12000, 256, 2.0),
+    (40000, 16, 8.0),
+    (8000, None, 2.0),      # unset: the 512-token reserve counts
+    (8000, MAX_MODEL_LEN - 8000, 2.0),  # vLLM's fill-in of an unset max_tokens reads as unset
+    (100, MAX_MODEL_LEN - 100, 1.0),
+])
+def test_factor_follows_the_policy(prompt_len, max_tokens, expected):
+    request = _request(prompt_len, max_tokens)
+    assert admit(request, SCALING, MAX_MODEL_LEN) == expected
+    assert request.sampling_params.extra_args["rope_factor"] == expected
+    assert request.sampling_params.extra_args["rope_capacity"] == int(L * expected)
+
+
+def test_override_is_rounded_up_to_a_bucket_and_kept_with_other_extra_args():
+    request = _request(100, 16, extra_args={"rope_factor": 3, "other": "kept"})
+    assert admit(request, SCALING, MAX_MODEL_LEN) == 4.0
+    assert request.sampling_params.extra_args["other"] == "kept"
+
+
+@pytest.mark.parametrize("bad", [0.5, 9, "2", float("nan"), True, [2]])
+def test_invalid_override_is_a_client_error(bad):
+    from vllm.exceptions import VLLMClientError
+
+    with pytest.raises(VLLMClientError, match=r"rope_factor: must be a number in \[1, 8.0\]"):
+        admit(_request(100, 16, extra_args={"rope_factor": bad}), SCALING, MAX_MODEL_LEN)
+
+
+def test_cache_salt_separates_scales_and_keeps_the_clients_salt():
+    assert salt_for(None, 1.0) is None
+    assert salt_for("user", 1.0) == "user"
+    assert salt_for(None, 2.0) != salt_for(None, 4.0)
+    assert "user" in salt_for("user", 2.0)
+    request = _request(12000, 16, cache_salt="user")
+    admit(request, SCALING, MAX_MODEL_LEN)
+    assert request.cache_salt == salt_for("user", 2.0)
+
+
+def test_requested_max_tokens():
+    assert requested_max_tokens(100, None, 1000) is None
+    assert requested_max_tokens(100, 900, 1000) is None
+    assert requested_max_tokens(100, 899, 1000) == 899
+
+
+def test_which_models_the_plugin_acts_on(monkeypatch):
+    monkeypatch.delenv("ROPESERVE_DYNAMIC_ROPE", raising=False)
+    assert scaling_from_rope_parameters(None, 8192) is None
+    assert scaling_from_rope_parameters({"rope_type": "default", "rope_theta": 1e4}, 8192) is None
+    qwen = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1e6}
+    assert scaling_from_rope_parameters(qwen, 32768) is None
+    monkeypatch.setenv("ROPESERVE_DYNAMIC_ROPE", "1")
+    switched = scaling_from_rope_parameters(qwen, 32768)
+    assert (switched.method, switched.max_factor, switched.original_max_position) == ("dynamic_yarn", 4.0, 32768)
+    ours = scaling_from_rope_parameters({"rope_type": "dynamic_ntk", "factor": 4.0, "buckets": [1, 2, 4],
+                                         "generation_reserve": 64}, 4096)
+    assert (ours.method, ours.buckets, ours.generation_reserve, ours.original_max_position) == (
+        "dynamic_ntk", (1.0, 2.0, 4.0), 64, 4096)
+
+
+def test_invalid_plugin_settings_name_the_field():
+    from rope_ext import RopeConfigError
+
+    with pytest.raises(RopeConfigError, match="max_factor"):
+        scaling_from_rope_parameters({"rope_type": "dynamic_yarn", "factor": 0.5}, 8192)
+    with pytest.raises(RopeConfigError, match="finetuned_factor"):
+        scaling_from_rope_parameters({"rope_type": "dynamic_yarn", "factor": 4.0, "finetuned_factor": 8}, 8192)

@@ -1,0 +1,114 @@
+"""The plugin's promises, checked on the real engine (vLLM CPU, default model, float32).
+
+Three engines, each started once for the module, all with the same settings (max_model_len 65536,
+float32) so that one request run alone goes through identical steps in each, and equality is exact, to
+the last logprob:
+
+- stock vLLM with plain RoPE (``VLLM_ALLOW_LONG_MAX_MODEL_LEN=1``): the oracle for the short prompts;
+- stock vLLM with static YaRN at factor 2: the oracle for the long prompt (9000 + 8 tokens -> factor 2);
+- vLLM with the plugin (dynamic YaRN up to 8 x 8192): each prompt alone; then all of them submitted
+  together; then one short prompt forced to factor 2 (its factor-1 blocks are in the prefix cache);
+  then the long prompt again (its blocks are reusable at the same scale).
+
+Requests submitted together reach the engine core one by one, so which of them share a step depends on
+timing, and stock vLLM CPU is not bitwise invariant to that even in float32 (measured: |logprob
+difference| about 5e-6 for a 6000-token prompt run alone and next to others). Results inside the mixed
+batch are therefore compared with the ISOLATION_TOLERANCE; everything else exactly. Two engines run at a
+time, each bound to its own core. About five minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from server.offline import EngineSpec, Request, run_offline
+
+pytestmark = pytest.mark.engine
+
+L = 8192
+MAX_MODEL_LEN = 8 * L
+SHORT_LENGTHS = (256, 2000, 6000)  # + 8 new tokens <= L: factor 1
+LONG_LENGTH = 9000  # + 8 new tokens: factor 2
+NEW_TOKENS = 8
+ROPE_THETA = 100000.0
+ISOLATION_TOLERANCE = 1e-4  # max |logprob difference| of a request alone vs among others (float32)
+
+PLUGIN = {"rope_parameters": {"rope_type": "dynamic_yarn", "rope_theta": ROPE_THETA, "factor": 8.0,
+                              "original_max_position_embeddings": L}}
+STATIC_YARN_2 = {"rope_parameters": {"rope_type": "yarn", "rope_theta": ROPE_THETA, "factor": 2.0,
+                                     "original_max_position_embeddings": L},
+                 "max_position_embeddings": MAX_MODEL_LEN}
+
+
+def _spec(model_dir: str, core: int, hf_overrides=None, **env) -> EngineSpec:
+    return EngineSpec(model=model_dir, dtype="float32", max_model_len=MAX_MODEL_LEN, hf_overrides=hf_overrides,
+                      env={"VLLM_CPU_OMP_THREADS_BIND": str(core), **env})
+
+
+def _close(a, b) -> bool:
+    return a.token_ids == b.token_ids and max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= ISOLATION_TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def runs(model_dir, book_tokens):
+    shorts = [Request(prompt_token_ids=book_tokens[1000 * i:1000 * i + n], max_tokens=NEW_TOKENS)
+              for i, n in enumerate(SHORT_LENGTHS)]
+    long = Request(prompt_token_ids=book_tokens[20000:20000 + LONG_LENGTH], max_tokens=NEW_TOKENS)
+    # A fresh salt keeps the mixed batch away from the blocks the lone runs left in the prefix cache.
+    mixed = [dataclasses.replace(r, cache_salt="mixed") for r in shorts + [long]]
+    short_at_2 = dataclasses.replace(shorts[1], extra_args={"rope_factor": 2})
+    with ThreadPoolExecutor(2) as pool:
+        plugin = pool.submit(run_offline, _spec(model_dir, 0, PLUGIN),
+                             [[r] for r in shorts + [long]] + [mixed, [short_at_2], [long]])
+        (*stock_alone,) = pool.submit(run_offline, _spec(model_dir, 1, VLLM_ALLOW_LONG_MAX_MODEL_LEN="1"),
+                                      [[r] for r in shorts]).result()
+        (yarn_alone,) = pool.submit(run_offline, _spec(model_dir, 1, STATIC_YARN_2), [[long]]).result()
+        *plugin_alone, plugin_mixed, plugin_short_at_2, plugin_long_again = plugin.result()
+    return {
+        "stock": [b[0] for b in stock_alone], "yarn2_long": yarn_alone[0],
+        "plugin": [b[0] for b in plugin_alone], "plugin_mixed": plugin_mixed,
+        "plugin_short_at_2": plugin_short_at_2[0], "plugin_long_again": plugin_long_again[0],
+    }
+
+
+@pytest.mark.parametrize("index", range(len(SHORT_LENGTHS)), ids=[f"{n}tok" for n in SHORT_LENGTHS])
+def test_short_requests_equal_the_unscaled_model(runs, index):
+    plugin, stock = runs["plugin"][index], runs["stock"][index]
+    assert plugin.num_prompt_tokens == SHORT_LENGTHS[index]
+    assert plugin.token_ids == stock.token_ids
+    assert plugin.logprobs == stock.logprobs  # exact
+
+
+def test_long_request_equals_static_yarn_at_its_factor(runs):
+    plugin, oracle = runs["plugin"][-1], runs["yarn2_long"]
+    assert plugin.num_prompt_tokens == LONG_LENGTH
+    assert plugin.token_ids == oracle.token_ids
+    assert plugin.logprobs == oracle.logprobs  # exact
+
+
+@pytest.mark.parametrize("index", range(len(SHORT_LENGTHS) + 1))
+def test_each_request_in_a_mixed_batch_equals_itself_alone(runs, index):
+    batched, alone = runs["plugin_mixed"][index], runs["plugin"][index]
+    assert batched.num_cached_tokens == 0
+    assert _close(batched, alone)
+
+
+def test_short_requests_in_a_mixed_batch_stay_unscaled(runs):
+    for batched, stock in zip(runs["plugin_mixed"], runs["stock"]):
+        assert _close(batched, stock)
+
+
+def test_prefix_cache_is_never_shared_across_scales(runs):
+    # The 2000-token prompt ran first at factor 1 (its blocks are cached), then forced to factor 2.
+    at_1, at_2 = runs["plugin"][1], runs["plugin_short_at_2"]
+    assert at_2.num_cached_tokens == 0
+    assert at_2.logprobs != at_1.logprobs
+
+
+def test_prefix_cache_is_reused_at_the_same_scale(runs):
+    again = runs["plugin_long_again"]
+    assert again.num_cached_tokens >= LONG_LENGTH - 16  # every full block of the prompt
+    assert again.token_ids == runs["plugin"][-1].token_ids
