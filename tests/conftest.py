@@ -37,3 +37,4 @@ def book_tokens(tokenizer) -> list[int]:
     """Token ids of the first novel in shared/data/books (about 90k tokens)."""
     text = (shared_dir() / "data" / "books" / "katrine.txt").read_text(encoding="utf-8")
     return tokenizer(text, add_special_tokens=False).input_ids
+

@@ -110,5 +110,5 @@ def test_prefix_cache_is_never_shared_across_scales(runs):
 
 def test_prefix_cache_is_reused_at_the_same_scale(runs):
     again = runs["plugin_long_again"]
-    assert again.num_cached_tokens >= LONG_LENGTH - 16  # every full block of the prompt
+    assert again.num_cached_tokens >= LONG_LENGTH - 128  # every full block (128 tokens on CPU) of the prompt
     assert again.token_ids == runs["plugin"][-1].token_ids

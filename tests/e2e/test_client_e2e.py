@@ -1,6 +1,6 @@
 """End to end: ropeserve_client against the real gateway in front of a real vLLM engine (default model,
-CPU). Marked ``engine``; the module-scoped ``gateway_url`` fixture (tests/conftest.py) starts the
-gateway once for the module. Every request here is short (a few hundred tokens at most, a 1k-token
+CPU). Marked ``engine``; the ``gateway_url`` fixture (tests/e2e/conftest.py) starts the
+gateway once for the package. Every request here is short (a few hundred tokens at most, a 1k-token
 passkey), so the module costs seconds of engine time, not minutes.
 
 An API key, when the gateway requires one, is read from $ROPESERVE_API_KEY.

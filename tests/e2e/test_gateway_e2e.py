@@ -1,0 +1,125 @@
+"""End to end: the gateway with its embedded engine (real vLLM CPU, default model, bf16, the rope plugin),
+driven by the official ``openai`` SDK. Shares the session's ``gateway`` (tests/conftest.py): the engine
+starts once. The 16k-token requests (a completion and the passkey self-check) cost about a minute each.
+"""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.engine
+
+MODEL = "SmolLM2-135M-Instruct"
+GREEDY = {"max_tokens": 8, "temperature": 0.0}
+
+
+@pytest.fixture(scope="module")
+def sdk(gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=gateway.api_key, timeout=900, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def http(gateway):
+    with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {gateway.api_key}"},
+                      timeout=900) as client:
+        yield client
+
+
+def _metric(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE)
+    assert match, f"{name} not in metrics"
+    return float(match.group(1))
+
+
+def test_completion_is_sensible_and_short_prompts_run_unscaled(sdk):
+    raw = sdk.completions.with_raw_response.create(model=MODEL, prompt="The capital of France is", **GREEDY)
+    assert float(raw.headers["x-rope-factor"]) == 1.0
+    assert "Paris" in raw.parse().choices[0].text
+
+
+def test_chat_completion(sdk):
+    raw = sdk.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], **GREEDY)
+    assert float(raw.headers["x-rope-factor"]) == 1.0
+    assert raw.parse().choices[0].message.content.strip()
+
+
+def test_streaming_equals_non_streaming(sdk):
+    whole = sdk.completions.create(model=MODEL, prompt="Once upon a time", **GREEDY).choices[0].text
+    chunks = [c.choices[0].text for c in sdk.completions.create(model=MODEL, prompt="Once upon a time",
+                                                                stream=True, **GREEDY) if c.choices]
+    assert len(chunks) > 1
+    assert "".join(chunks) == whole
+
+
+def test_models_report_original_and_maximum_context(http):
+    body = http.get("/v1/models").json()
+    assert body["data"][0]["id"] == MODEL
+    assert "8192" in str(body) and "65536" in str(body)
+
+
+def test_long_prompt_runs_at_a_larger_factor(sdk, book_tokens):
+    raw = sdk.completions.with_raw_response.create(model=MODEL, prompt=book_tokens[:16000], **GREEDY)
+    assert float(raw.headers["x-rope-factor"]) > 1.0
+    assert raw.parse().usage.prompt_tokens == 16000
+
+
+def test_passkey_self_check_passes_at_16k(http):
+    response = http.get("/healthz/passkey", params={"len": 16384})
+    body = response.json()
+    assert response.status_code == 200, body
+    assert body["passed"] is True
+    assert abs(body["prompt_tokens"] - 16384) <= 164
+    assert body["rope_factor"] > 1
+
+
+def test_gateway_and_engine_agree_on_every_factor(gateway, http, sdk):
+    def observed() -> tuple[float, ...]:
+        ours = http.get("/metrics").text
+        engine = httpx.get(f"{gateway.engine_url}/metrics", timeout=30).text
+        return tuple(_metric(text, f"ropeserve_rope_factor{suffix}")
+                     for text in (ours, engine) for suffix in ("_count", "_sum"))
+
+    before = observed()
+    headers = [float(sdk.completions.with_raw_response.create(model=MODEL, prompt="Hello", extra_body=extra,
+                                                               **GREEDY).headers["x-rope-factor"])
+               for extra in ({}, {"rope_factor": 3})]
+    after = observed()
+    assert headers == [1.0, 4.0]  # 3 is rounded up to the bucket 4
+    gateway_count, gateway_sum, engine_count, engine_sum = (a - b for a, b in zip(after, before))
+    assert gateway_count == engine_count == 2
+    assert gateway_sum == engine_sum == sum(headers)
+
+
+@pytest.mark.parametrize("body,status,code", [
+    ({"prompt": "hi", "rope_factor": 0.5}, 400, None),
+    ({"prompt": "hi", "rope_factor": 1000}, 400, None),
+    ({"prompt": "hi", "max_tokens": 70000}, 400, "context_length_exceeded"),
+    ({"prompt": "hi", "max_tokens": -1}, 400, None),
+    ({"prompt": "hi", "model": "no-such-model"}, 404, None),
+])
+def test_bad_input_gets_a_4xx_envelope(http, body, status, code):
+    response = http.post("/v1/completions", json={"model": MODEL, **GREEDY, **body})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and "type" in error
+    if code:
+        assert error["code"] == code
+
+
+def test_passkey_len_must_be_an_integer_in_range(http):
+    for value in ("abc", "10", "999999999"):
+        response = http.get("/healthz/passkey", params={"len": value})
+        assert response.status_code == 400
+        assert "len" in response.json()["error"]["message"]
+
+
+def test_a_key_is_required(gateway):
+    response = httpx.post(f"{gateway.url}/v1/completions", json={"model": MODEL, "prompt": "hi"}, timeout=30)
+    assert response.status_code == 401
+    assert response.json()["error"]["message"]
+    assert httpx.get(f"{gateway.url}/healthz", timeout=30).status_code == 200
