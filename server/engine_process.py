@@ -108,13 +108,15 @@ def free_port(host: str = HOST) -> int:
 
 
 class EngineProcess:
-    """Runs ``command`` (a server answering ``GET {url}/health``) in its own process group."""
+    """Runs ``command`` (a server answering ``GET {url}{health_path}``) in its own process group."""
 
     def __init__(self, command: list[str], *, url: str, env: dict[str, str] | None = None,
                  start_timeout_s: float = 600.0, stop_timeout_s: float = 15.0, max_restarts: int = 5,
-                 restart_backoff_s: float = 2.0, poll_interval_s: float = 0.5) -> None:
+                 restart_backoff_s: float = 2.0, poll_interval_s: float = 0.5, health_path: str = "/health"
+                 ) -> None:
         self.command = command
         self.url = url
+        self.health_path = health_path
         self.env = env
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
@@ -182,14 +184,14 @@ class EngineProcess:
                     raise EngineStartError(f"the engine exited with code {self._process.returncode} before it "
                                            "became ready (its log is above)")
                 try:
-                    if (await client.get(f"{self.url}/health")).status_code == 200:
+                    if (await client.get(f"{self.url}{self.health_path}")).status_code == 200:
                         logger.info("engine ready at %s after %.1f s", self.url,
                                     time.monotonic() - self._started_at)
                         return
                 except httpx.HTTPError:
                     pass
                 if time.monotonic() > deadline:
-                    raise EngineStartError(f"the engine did not answer GET /health within "
+                    raise EngineStartError(f"the engine did not answer GET {self.health_path} within "
                                            f"{self.start_timeout_s:g} s")
                 try:
                     await asyncio.wait_for(self._process.wait(), self.poll_interval_s)

@@ -59,11 +59,11 @@ def test_serve_with_engine_urls_stops_on_sigterm() -> None:
                                    cwd=REPO, env=env())
         try:
             url = f"http://127.0.0.1:{port}"
-            wait_until(lambda: ready(url), timeout=30)
+            wait_until(lambda: ready(url), timeout=60)
             response = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=5)
             assert response.status_code == 200 and response.headers["x-rope-factor"] == "1"
             process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=15) == 0
+            assert process.wait(timeout=30) == 0
         finally:
             process.kill()
             process.wait()
@@ -74,13 +74,13 @@ def test_embedded_mode_stops_the_engine_with_the_gateway(tmp_path: Path, sig: in
     port, engine_port = free_port(), free_port()
     process = subprocess.Popen([sys.executable, HARNESS, str(port), str(engine_port), str(tmp_path)], env=env())
     try:
-        wait_until(lambda: ready(f"http://127.0.0.1:{port}"), timeout=30)
+        wait_until(lambda: ready(f"http://127.0.0.1:{port}"), timeout=60)
         engine_pid = int((tmp_path / "starts").read_text().split()[0])
         child_pid = int((tmp_path / "child").read_text())
         assert alive(engine_pid) and alive(child_pid)
         process.send_signal(sig)
-        assert process.wait(timeout=15) == 0
-        wait_until(lambda: not alive(engine_pid) and not alive(child_pid), timeout=5)
+        assert process.wait(timeout=30) == 0
+        wait_until(lambda: not alive(engine_pid) and not alive(child_pid), timeout=10)
     finally:
         process.kill()
         process.wait()
@@ -91,12 +91,12 @@ def test_signal_while_the_engine_starts_stops_everything(tmp_path: Path) -> None
     process = subprocess.Popen([sys.executable, HARNESS, str(port), str(engine_port), str(tmp_path),
                                 "--never-ready"], env=env())
     try:
-        wait_until(lambda: (tmp_path / "child").exists() and (tmp_path / "child").read_text(), timeout=30)
+        wait_until(lambda: (tmp_path / "child").exists() and (tmp_path / "child").read_text(), timeout=60)
         engine_pid = int((tmp_path / "starts").read_text().split()[0])
         child_pid = int((tmp_path / "child").read_text())
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=15) == 0
-        wait_until(lambda: not alive(engine_pid) and not alive(child_pid), timeout=5)
+        assert process.wait(timeout=30) == 0
+        wait_until(lambda: not alive(engine_pid) and not alive(child_pid), timeout=10)
         with pytest.raises(httpx.ConnectError):  # it never served
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
     finally:
