@@ -1,0 +1,136 @@
+"""The methods compared, as engine configurations of the same model (SmolLM2-135M-Instruct, L = 8192).
+
+A method maps a request's planned context length (prompt + max_tokens) to the engine that serves it:
+most methods are one engine for every length; ``yarn-fit`` (static YaRN at the smallest factor that
+fits) is one engine per factor, chosen with the plugin's own policy (:func:`rope_ext.choose_factor`), and
+is plain RoPE at or below L. Engines are described by :class:`EngineConfig` (hf_overrides as vLLM takes
+them, all with enforce_eager through :mod:`server.offline`); one engine serves every cell that maps to it.
+
+vLLM 0.32 names checked in its source (``rotary_embedding/__init__.py``, ``config/model.py``):
+``linear`` and ``ntk`` take ``factor`` and vLLM multiplies max_position_embeddings by it; ``yarn`` does
+not, so static YaRN sets ``max_position_embeddings`` itself. vLLM's ``ntk`` is the fixed-NTK variant
+(base b*s, then inv_freq / s^(2/d)), not the paper's NTK-aware base b*s^(d/(d-2)) that the plugin's
+dynamic NTK uses per bucket; the two differ only slightly in the highest frequencies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+from rope_ext import RopeScaling, choose_factor
+
+L = 8192  # SmolLM2-135M's training context (max_position_embeddings)
+ROPE_THETA = 100000.0
+MAX_FACTOR = 8.0
+KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 2  # layers x (K, V) x KV heads x head dim x bf16 bytes = 23 KiB
+LONG_ENV = "VLLM_ALLOW_LONG_MAX_MODEL_LEN"
+# The CPU attention's split-KV depends on the batch; off, a request's numbers depend on it alone.
+DETERMINISTIC_ENV = {"VLLM_CPU_ATTN_SPLIT_KV": "0"}
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """One engine configuration: a name, vLLM's hf_overrides (as JSON, so the config is hashable) and the
+    context it serves by itself (beyond it, max_model_len is raised with VLLM_ALLOW_LONG_MAX_MODEL_LEN)."""
+
+    name: str
+    overrides_json: str | None
+    capacity: int
+
+    @property
+    def hf_overrides(self) -> dict[str, Any] | None:
+        return None if self.overrides_json is None else json.loads(self.overrides_json)
+
+    def spec(self, model: str, *, dtype: str, max_len: int, seed: int = 0):
+        """The :class:`server.offline.EngineSpec` serving requests up to ``max_len`` tokens."""
+        from server.offline import EngineSpec
+
+        max_model_len = max(max_len, self.capacity)
+        env = dict(DETERMINISTIC_ENV)
+        if max_model_len > self.capacity:
+            env[LONG_ENV] = "1"
+        kv_gib = math.ceil(max_model_len * KV_BYTES_PER_TOKEN * (2 if dtype == "float32" else 1) / 2**30) + 1
+        # Prefix caching off: every request is computed from scratch, whatever ran before it, so a
+        # cell's numbers do not depend on which cells were already done (resumable and deterministic).
+        return EngineSpec(model=model, dtype=dtype, max_model_len=max_model_len, hf_overrides=self.hf_overrides,
+                          enable_prefix_caching=False, kv_cache_gib=kv_gib, seed=seed, env=env)
+
+
+def _config(name: str, overrides: dict[str, Any] | None, capacity: int) -> EngineConfig:
+    return EngineConfig(name, None if overrides is None else json.dumps(overrides, sort_keys=True), capacity)
+
+
+def plain() -> EngineConfig:
+    return _config("plain", None, L)
+
+
+def static_yarn(factor: float) -> EngineConfig:
+    if factor == 1:
+        return plain()  # YaRN at s = 1 is plain RoPE (no interpolation, attention factor 1)
+    return _config(f"yarn-x{factor:g}", {
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": ROPE_THETA, "factor": float(factor),
+                            "original_max_position_embeddings": L},
+        "max_position_embeddings": int(L * factor)}, int(L * factor))
+
+
+def linear(factor: float) -> EngineConfig:
+    return _config(f"linear-x{factor:g}", {"rope_parameters": {
+        "rope_type": "linear", "rope_theta": ROPE_THETA, "factor": float(factor)}}, int(L * factor))
+
+
+def ntk(factor: float) -> EngineConfig:
+    return _config(f"ntk-x{factor:g}", {"rope_parameters": {
+        "rope_type": "ntk", "rope_theta": ROPE_THETA, "factor": float(factor)}}, int(L * factor))
+
+
+def plugin(rope_type: str, factor: float = MAX_FACTOR) -> EngineConfig:
+    return _config(f"plugin-{rope_type}-x{factor:g}", {"rope_parameters": {
+        "rope_type": rope_type, "rope_theta": ROPE_THETA, "factor": float(factor),
+        "original_max_position_embeddings": L}}, int(L * factor))
+
+
+POLICY = RopeScaling(method="dynamic_yarn", original_max_position=L, max_factor=MAX_FACTOR)
+
+
+def fitting_factor(context: int) -> float:
+    """The smallest bucket (power of two up to 8) whose capacity L*s holds ``context`` tokens: the factor
+    the plugin gives a request of that planned length."""
+    return choose_factor(context, 0, POLICY)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    engine_for: Callable[[int], EngineConfig]  # planned context length -> engine
+    scale: Callable[[int], float]  # planned context length -> the RoPE scale it runs at
+
+
+def _fixed(factor: float) -> Callable[[int], float]:
+    return lambda n: factor
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("unscaled", "unscaled (plain RoPE)", lambda n: plain(), _fixed(1.0)),
+    Method("yarn-x8", "static YaRN x8 (stock vLLM)", lambda n: static_yarn(8), _fixed(8.0)),
+    Method("yarn-fit", "static YaRN, smallest factor that fits", lambda n: static_yarn(fitting_factor(n)),
+           fitting_factor),
+    Method("yarn-x2", "static YaRN x2", lambda n: static_yarn(2), _fixed(2.0)),
+    Method("yarn-x4", "static YaRN x4", lambda n: static_yarn(4), _fixed(4.0)),
+    Method("linear-x8", "PI (linear) x8", lambda n: linear(8), _fixed(8.0)),
+    Method("ntk-x8", "static NTK x8 (vLLM ntk)", lambda n: ntk(8), _fixed(8.0)),
+    Method("dynamic-ntk", "ropeserve dynamic NTK", lambda n: plugin("dynamic_ntk"), fitting_factor),
+    Method("dynamic-yarn", "ropeserve dynamic YaRN", lambda n: plugin("dynamic_yarn"), fitting_factor),
+)}
+
+
+def get_methods(names: list[str] | tuple[str, ...]) -> list[Method]:
+    """The methods named, in order; an unknown name raises ValueError listing the known ones."""
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    return [METHODS[n] for n in names]

@@ -1,0 +1,148 @@
+"""Pure aggregation of stored cells into the experiments' tables (rows of plain dicts), and Markdown.
+
+Stored values are strings (see :mod:`bench.evals.store`); these functions parse what they use. Orders:
+methods as given, lengths ascending.
+
+- Passkey: accuracy per (method, variant, length) and a length x depth accuracy grid per method.
+- Perplexity: per document ``exp(-mean logprob)`` over its scored tokens; a table cell is the mean of the
+  per-document perplexities, as the paper's code averages them.
+- Short context: per window the same, averaged over windows; the change against the unscaled model; how
+  many windows have exactly the unscaled model's logprobs (the same digest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import statistics
+import struct
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+
+Row = Mapping[str, str]
+
+
+def logprob_digest(logprobs: Sequence[float]) -> str:
+    """SHA-1 of the float64 bytes of ``logprobs``: equal digests mean bitwise equal logprobs."""
+    return hashlib.sha1(struct.pack(f"<{len(logprobs)}d", *logprobs)).hexdigest()
+
+
+def perplexity_values(logprobs: Sequence[float]) -> dict[str, float | int | str]:
+    """The stored columns of one scored text: token count, NLL sum, perplexity, digest."""
+    if not logprobs:
+        raise ValueError("nothing was scored")
+    nll = -math.fsum(logprobs)
+    return {"scored_tokens": len(logprobs), "nll_sum": nll, "ppl": math.exp(nll / len(logprobs)),
+            "logprobs_sha1": logprob_digest(logprobs)}
+
+
+def _order(values: Iterable[str], first: Sequence[str] = ()) -> list[str]:
+    values = set(values)
+    return [v for v in first if v in values] + sorted(values - set(first))
+
+
+def passkey_accuracy(rows: Iterable[Row], methods: Sequence[str] = ()) -> list[dict]:
+    """One row per (method, variant, length): cells, passed, accuracy."""
+    groups: dict[tuple[str, str, int], list[bool]] = defaultdict(list)
+    for row in rows:
+        groups[(row["method"], row["variant"], int(row["length"]))].append(row["passed"] == "True")
+    order = {m: i for i, m in enumerate(_order({k[0] for k in groups}, methods))}
+    out = []
+    for method, variant, length in sorted(groups, key=lambda k: (order[k[0]], k[1], k[2])):
+        passed = groups[(method, variant, length)]
+        out.append({"method": method, "variant": variant, "length": length, "cells": len(passed),
+                    "passed": sum(passed), "accuracy": sum(passed) / len(passed)})
+    return out
+
+
+def passkey_grid(rows: Iterable[Row], method: str, variant: str
+                 ) -> tuple[list[int], list[float], list[list[float | None]]]:
+    """Lengths, depths and the accuracy (over seeds) of each (length, depth); None where nothing ran."""
+    cells: dict[tuple[int, float], list[bool]] = defaultdict(list)
+    for row in rows:
+        if row["method"] == method and row["variant"] == variant:
+            cells[(int(row["length"]), float(row["depth"]))].append(row["passed"] == "True")
+    lengths = sorted({k[0] for k in cells})
+    depths = sorted({k[1] for k in cells})
+    grid = [[(sum(cells[(n, d)]) / len(cells[(n, d)])) if (n, d) in cells else None for d in depths]
+            for n in lengths]
+    return lengths, depths, grid
+
+
+def perplexity_table(rows: Iterable[Row], methods: Sequence[str] = ()) -> list[dict]:
+    """One row per (method, length): the perplexity of each document (book) and their mean."""
+    groups: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
+    for row in rows:
+        groups[(row["method"], int(row["length"]))][row["book"]] = float(row["ppl"])
+    order = {m: i for i, m in enumerate(_order({k[0] for k in groups}, methods))}
+    out = []
+    for method, length in sorted(groups, key=lambda k: (order[k[0]], k[1])):
+        books = groups[(method, length)]
+        out.append({"method": method, "length": length, "documents": len(books),
+                    **{f"ppl_{b}": books[b] for b in sorted(books)}, "ppl": statistics.fmean(books.values())})
+    return out
+
+
+def short_context_table(rows: Iterable[Row], methods: Sequence[str] = (), baseline: str = "unscaled"
+                        ) -> list[dict]:
+    """One row per (method, length): windows, mean perplexity, change against ``baseline`` in percent,
+    windows whose logprobs equal the baseline's bitwise, and the largest |window perplexity change|."""
+    rows = list(rows)
+    windows: dict[tuple[str, int], dict[tuple[str, str], Row]] = defaultdict(dict)
+    for row in rows:
+        windows[(row["method"], int(row["length"]))][(row["book"], row["window"])] = row
+    order = {m: i for i, m in enumerate(_order({k[0] for k in windows}, methods))}
+    out = []
+    for method, length in sorted(windows, key=lambda k: (order[k[0]], k[1])):
+        mine = windows[(method, length)]
+        base = windows.get((baseline, length), {})
+        ppl = statistics.fmean(float(r["ppl"]) for r in mine.values())
+        common = [w for w in mine if w in base]
+        entry = {"method": method, "length": length, "windows": len(mine), "ppl": ppl,
+                 "delta_pct": None, "identical": None, "max_abs_delta_ppl": None}
+        if common and len(common) == len(mine):
+            base_ppl = statistics.fmean(float(base[w]["ppl"]) for w in common)
+            entry["delta_pct"] = 100 * (ppl / base_ppl - 1)
+            entry["identical"] = sum(mine[w]["logprobs_sha1"] == base[w]["logprobs_sha1"] for w in common)
+            entry["max_abs_delta_ppl"] = max(abs(float(mine[w]["ppl"]) - float(base[w]["ppl"])) for w in common)
+        out.append(entry)
+    return out
+
+
+def markdown(rows: Sequence[Mapping], columns: Sequence[str], headers: Sequence[str] | None = None,
+             formats: Mapping[str, str] | None = None) -> str:
+    """A GitHub Markdown table; ``formats`` maps a column to a format spec (None shows as a dash)."""
+    formats = formats or {}
+    headers = list(headers or columns)
+
+    def cell(column: str, value) -> str:
+        if value is None:
+            return "–"
+        return format(value, formats[column]) if column in formats else str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(c, row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def pivot(rows: Sequence[Mapping], index: str, column: str, value: str) -> tuple[list, list, dict]:
+    """``(index values, column values, {(i, c): value})`` keeping first-seen order of the index."""
+    index_values: list = []
+    column_values: set = set()
+    table = {}
+    for row in rows:
+        if row[index] not in index_values:
+            index_values.append(row[index])
+        column_values.add(row[column])
+        table[(row[index], row[column])] = row[value]
+    return index_values, sorted(column_values), table
+
+
+def pivot_markdown(rows: Sequence[Mapping], index: str, column: str, value: str, *, fmt: str,
+                   labels: Mapping[str, str] | None = None, column_label=str) -> str:
+    """A Markdown table with one row per ``index`` value and one column per ``column`` value."""
+    labels = labels or {}
+    rows_, cols, table = pivot(rows, index, column, value)
+    out = [{"_": labels.get(r, r), **{str(c): table.get((r, c)) for c in cols}} for r in rows_]
+    return markdown(out, ["_", *map(str, cols)], [index, *map(column_label, cols)],
+                    {str(c): fmt for c in cols})
