@@ -18,7 +18,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -151,11 +151,24 @@ class Generation:
                 lease.release()
             raise EngineError(response.status_code, content)
         headers = {**headers, "cache-control": "no-cache", "x-accel-buffering": "no"}
-        return RelayResponse(self._relay(route, lease, response), media_type="text/event-stream",
-                             headers=headers)
-
-    async def _relay(self, route: str, lease: Lease, response: httpx.Response) -> AsyncIterator[bytes]:
         scanner = UsageScanner()
+
+        async def close() -> None:
+            """Close the engine stream and end the lease, once, however the relay ends (also when it never
+            started because the client was already gone)."""
+            if lease.released:
+                return
+            lease.release()
+            with anyio.CancelScope(shield=True):  # the client may have gone: still close the engine stream
+                await response.aclose()
+            if scanner.completion_tokens is not None:
+                self.metrics.generated_tokens.labels(route).inc(scanner.completion_tokens)
+
+        return RelayResponse(self._relay(lease, response, scanner, close), close=close,
+                             media_type="text/event-stream", headers=headers)
+
+    async def _relay(self, lease: Lease, response: httpx.Response, scanner: UsageScanner,
+                     close: Callable[[], Awaitable[None]]) -> AsyncIterator[bytes]:
         started = time.monotonic()
         try:
             async for chunk in response.aiter_bytes():  # as they arrive (decoded if the engine compressed)
@@ -168,11 +181,7 @@ class Generation:
                              code="engine_connection_lost")
             yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
         finally:
-            with anyio.CancelScope(shield=True):  # the client may have gone: still close the engine stream
-                await response.aclose()
-            lease.release()
-            if scanner.completion_tokens is not None:
-                self.metrics.generated_tokens.labels(route).inc(scanner.completion_tokens)
+            await close()
 
     def _count_usage(self, route: str, data: Any) -> None:
         usage = data.get("usage") if isinstance(data, dict) else None
@@ -201,8 +210,13 @@ class UsageScanner:
 
 
 class RelayResponse(StreamingResponse):
-    """A streaming response that always closes its iterator (and so the engine's stream) when it ends,
-    including when the client disconnects."""
+    """A streaming response that always runs ``close`` (closing the engine's stream) when it ends, including
+    when the client disconnects, even before the first chunk."""
+
+    def __init__(self, content: AsyncIterator[bytes], *, close: Callable[[], Awaitable[None]],
+                 **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._close = close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -210,3 +224,4 @@ class RelayResponse(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
+                await self._close()

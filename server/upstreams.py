@@ -62,12 +62,12 @@ class Lease:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._released = False
+        self.released = False
         engine.in_flight += 1
 
     def release(self) -> None:
-        if not self._released:
-            self._released = True
+        if not self.released:
+            self.released = True
             self.engine.in_flight -= 1
 
 

@@ -281,3 +281,31 @@ def test_app_state_is_per_app() -> None:
     second = create_app(settings_for(["http://a.test"]))
     assert first is not second and first.user_middleware is not second.user_middleware
     assert json.dumps(sorted(r.path for r in first.routes if hasattr(r, "path")))  # routes are built
+
+
+async def test_stream_is_closed_when_the_client_is_gone_before_the_first_chunk() -> None:
+    import anyio
+
+    engine = FakeEngine()
+    async with gateway([engine]) as client:
+        app = client.app
+        body = json.dumps({"prompt": "hi", "stream": True}).encode()
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+                 "root_path": "", "client": ("127.0.0.1", 1), "server": ("gateway.test", 80),
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop(0)
+            await anyio.sleep_forever()
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                raise OSError("the client is gone")
+
+        with pytest.raises(Exception):  # noqa: B017, PT011  (whatever the server stack makes of it)
+            await app(scope, receive, send)
+        assert engine.requests  # the engine had started the stream
+        assert app.state.pool.engines[0].in_flight == 0
