@@ -81,8 +81,9 @@ def test_gateway_and_engine_agree_on_every_factor(gateway, http, sdk):
     def observed() -> tuple[float, ...]:
         ours = http.get("/metrics").text
         engine = httpx.get(f"{gateway.engine_url}/metrics", timeout=30).text
-        return tuple(_metric(text, f"ropeserve_rope_factor{suffix}")
-                     for text in (ours, engine) for suffix in ("_count", "_sum"))
+        return tuple(_metric(text, f"{name}{suffix}") for text, name in
+                     ((ours, "ropeserve_rope_factor"), (engine, "ropeserve_engine_rope_factor"))
+                     for suffix in ("_count", "_sum"))
 
     before = observed()
     headers = [float(sdk.completions.with_raw_response.create(model=MODEL, prompt="Hello", extra_body=extra,
