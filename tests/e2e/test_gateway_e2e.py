@@ -96,6 +96,20 @@ def test_gateway_and_engine_agree_on_every_factor(gateway, http, sdk):
     assert gateway_sum == engine_sum == sum(headers)
 
 
+def test_engine_counts_requests_that_outgrow_their_bucket(gateway, book_tokens):
+    def overflows() -> float:
+        text = httpx.get(f"{gateway.engine_url}/metrics", timeout=30).text
+        return _metric(text, "ropeserve_engine_rope_bucket_overflow_total")
+
+    before = overflows()
+    # Forced to factor 1 (capacity 8192 tokens), 8190 prompt tokens + 10 new ones outgrow the bucket.
+    response = httpx.post(f"{gateway.engine_url}/v1/completions", timeout=900, json={
+        "model": MODEL, "prompt": book_tokens[:8190], "max_tokens": 10, "ignore_eos": True,
+        "temperature": 0, "vllm_xargs": {"rope_factor": 1}})
+    assert response.status_code == 200, response.text
+    assert overflows() == before + 1
+
+
 @pytest.mark.parametrize("body,status,code", [
     ({"prompt": "hi", "rope_factor": 0.5}, 400, None),
     ({"prompt": "hi", "rope_factor": 1000}, 400, None),

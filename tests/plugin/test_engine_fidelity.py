@@ -5,7 +5,7 @@ float32) so that one request run alone goes through identical steps in each, and
 the last logprob:
 
 - stock vLLM with plain RoPE (``VLLM_ALLOW_LONG_MAX_MODEL_LEN=1``): the oracle for the short prompts;
-- stock vLLM with static YaRN at factor 2: the oracle for the long prompt (9000 + 8 tokens -> factor 2);
+- stock vLLM with static YaRN at factor 2: the oracle for the long prompt (16000 + 8 tokens -> factor 2);
 - vLLM with the plugin (dynamic YaRN up to 8 x 8192): each prompt alone; then all of them submitted
   together; then one short prompt forced to factor 2 (its factor-1 blocks are in the prefix cache);
   then the long prompt again (its blocks are reusable at the same scale).
@@ -14,7 +14,7 @@ Requests submitted together reach the engine core one by one, so which of them s
 timing, and stock vLLM CPU is not bitwise invariant to that even in float32 (measured: |logprob
 difference| about 5e-6 for a 6000-token prompt run alone and next to others). Results inside the mixed
 batch are therefore compared with the ISOLATION_TOLERANCE; everything else exactly. Two engines run at a
-time, each bound to its own core. About five minutes on two cores.
+time, each bound to its own core. About seven minutes on two cores.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.engine
 L = 8192
 MAX_MODEL_LEN = 8 * L
 SHORT_LENGTHS = (256, 2000, 6000)  # + 8 new tokens <= L: factor 1
-LONG_LENGTH = 9000  # + 8 new tokens: factor 2
+LONG_LENGTH = 16000  # + 8 new tokens: factor 2
 NEW_TOKENS = 8
 ROPE_THETA = 100000.0
 ISOLATION_TOLERANCE = 1e-4  # max |logprob difference| of a request alone vs among others (float32)
