@@ -110,6 +110,15 @@ def test_engine_counts_requests_that_outgrow_their_bucket(gateway, book_tokens):
     assert overflows() == before + 1
 
 
+@pytest.mark.parametrize("factor", [0.5, 9, "two"])
+def test_engine_rejects_an_invalid_factor_with_a_400(gateway, factor):
+    # Straight to vLLM's own server: the plugin's validation surfaces as vLLM's 400 error.
+    response = httpx.post(f"{gateway.engine_url}/v1/completions", timeout=60, json={
+        "model": MODEL, "prompt": "hi", "max_tokens": 2, "vllm_xargs": {"rope_factor": factor}})
+    assert response.status_code == 400, response.text
+    assert "rope_factor" in response.text
+
+
 @pytest.mark.parametrize("body,status,code", [
     ({"prompt": "hi", "rope_factor": 0.5}, 400, None),
     ({"prompt": "hi", "rope_factor": 1000}, 400, None),
