@@ -34,6 +34,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 ENV PYTHON=python3.12 \
     LOCK=requirements/cuda.lock \
+    NO_DEPS=0 \
     TORCH_INDEX_URL=""
 
 # The stage named by TARGET (base-cpu or base-cuda): a stage, not an image, so it has no tag.

