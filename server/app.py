@@ -26,9 +26,14 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from server.errors import envelope, install_error_handlers
-from server.generation import CHAT, COMPLETIONS, FACTOR_HEADER, Generation, format_factor
+from server.generation import CHAT, COMPLETIONS, FACTOR_HEADER, Generation, format_factor, unless_client_leaves
 from server.metrics import CONTENT_TYPE, GatewayMetrics
-from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestMetricsMiddleware
+from server.middleware import (
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    EndOnCancelMiddleware,
+    RequestMetricsMiddleware,
+)
 from server.passkey_check import ROUTE as PASSKEY_ROUTE
 from server.passkey_check import PasskeyChecker
 from server.schemas import ChatCompletionRequest, CompletionRequest
@@ -71,6 +76,7 @@ def create_app(settings: GatewaySettings, *, engine_pool: EnginePool | None = No
                   description="OpenAI-compatible gateway to vLLM engines with per-request RoPE scaling.")
     install_error_handlers(app)
     # Added innermost first: metrics see every request, including refused ones and CORS preflights.
+    app.add_middleware(EndOnCancelMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(ApiKeyMiddleware, keys=[k.get_secret_value().encode() for k in settings.api_keys])
     if settings.cors_allow_origins:
@@ -82,11 +88,11 @@ def create_app(settings: GatewaySettings, *, engine_pool: EnginePool | None = No
 
     @app.post(COMPLETIONS, summary="OpenAI completions, with per-request RoPE scaling")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await request.app.state.generation.handle(COMPLETIONS, body)
+        return await unless_client_leaves(request.receive, request.app.state.generation.handle(COMPLETIONS, body))
 
     @app.post(CHAT, summary="OpenAI chat completions, with per-request RoPE scaling")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await request.app.state.generation.handle(CHAT, body)
+        return await unless_client_leaves(request.receive, request.app.state.generation.handle(CHAT, body))
 
     @app.get("/v1/models", summary="The served model, with its original and maximum context")
     async def models(request: Request) -> dict[str, Any]:
@@ -118,9 +124,12 @@ def create_app(settings: GatewaySettings, *, engine_pool: EnginePool | None = No
 
     @app.get(PASSKEY_ROUTE, summary="Passkey-retrieval self-check at a given prompt length")
     async def passkey(request: Request,
-                      len: str | None = Query(None, description="Prompt length in tokens."),  # noqa: A002
-                      depth: str | None = Query(None, description="Depth of the key in [0, 1]."),
-                      seed: str | None = Query(None, description="Seed of the key and depth (default 0).")
+                      len: str | None = Query(None, description="Prompt length in tokens.",  # noqa: A002
+                                              examples=["4096"]),
+                      depth: str | None = Query(None, description="Depth of the key in [0, 1].",
+                                                examples=["0.5"]),
+                      seed: str | None = Query(None, description="Seed of the key and depth (default 0).",
+                                               examples=["0"])
                       ) -> JSONResponse:
         checker: PasskeyChecker = request.app.state.passkey
         result = await checker.run(checker.parse(len=len, depth=depth, seed=seed))

@@ -32,7 +32,6 @@ from server.upstreams import EnginePool
 logger = logging.getLogger("ropeserve")
 
 EngineFactory = Callable[[GatewaySettings], Awaitable[EngineProcess]]
-SHUTDOWN_GRACE_S = 30
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,7 +112,8 @@ async def serve(settings: GatewaySettings, *, engine_factory: EngineFactory = em
                 pool = EnginePool.from_settings(settings, urls=[engine.url])
             app = create_app(settings, engine_pool=pool)
             config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                                    log_level=settings.log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+                                    log_level=settings.log_level,
+                                    timeout_graceful_shutdown=settings.shutdown_grace_s)
             await uvicorn.Server(config).serve()
         except EngineStartError as exc:
             logger.error("the embedded engine could not start: %s", exc)

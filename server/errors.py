@@ -89,6 +89,23 @@ class NoEngineAvailable(GatewayError):
     code = "no_engine_available"
 
 
+class ClientClosedRequest(GatewayError):
+    """The client disconnected before its answer was ready (nginx's 499: no one reads it; it is for the
+    metrics and the logs)."""
+
+    status_code = 499
+    error_type = "invalid_request_error"
+    code = "client_closed_request"
+
+
+class ShuttingDown(GatewayError):
+    """The gateway is stopping and its grace period for in-flight requests is over."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "server_shutting_down"
+
+
 class EngineUnavailable(GatewayError):
     """The embedded engine could not be started."""
 
@@ -145,6 +162,22 @@ _HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
+_UNREADABLE = {UnicodeDecodeError: "The request body is not valid UTF-8",
+               RecursionError: "The request body is nested too deeply"}
+
+
+def _json_error(exc: RequestValidationError) -> str | None:
+    """The message for a body that is not JSON at all (FastAPI reports it as a validation error located at
+    the character offset, which must not become the ``param``), else None."""
+    for error in exc.errors():
+        if error.get("type") == "json_invalid":
+            loc = tuple(error.get("loc", ()))
+            where = f" (at character {loc[-1]})" if loc and isinstance(loc[-1], int) else ""
+            reason = str((error.get("ctx") or {}).get("error") or error.get("msg") or "invalid JSON")
+            return f"The request body is not valid JSON: {reason.removesuffix(' at')}{where}"
+    return None
+
+
 def envelope(message: str, error_type: str, *, param: str | None = None, code: Any = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
@@ -162,6 +195,9 @@ def error_response(exc: BaseException) -> JSONResponse:
     elif isinstance(exc, RopeConfigError):
         status = 400
         body = envelope(str(exc), "invalid_request_error", param=exc.field, code="invalid_rope_setting")
+    elif isinstance(exc, RequestValidationError) and _json_error(exc):
+        status = 400
+        body = envelope(_json_error(exc), "invalid_request_error", code="invalid_json")
     elif isinstance(exc, RequestValidationError):
         status = 400
         errors = exc.errors()
@@ -169,7 +205,8 @@ def error_response(exc: BaseException) -> JSONResponse:
         where = _validation_where(tuple(first.get("loc", ())))
         param = where[0] if where else None  # the top-level field, as OpenAI names it
         message = "; ".join(
-            f"{'.'.join(_validation_where(tuple(e.get('loc', ())))) or 'body'}: {e.get('msg')}"
+            f"{'.'.join(_validation_where(tuple(e.get('loc', ())))) or 'body'}: "
+            f"{str(e.get('msg')).removeprefix('Value error, ')}"
             for e in errors[:5]
         ) or "invalid request"
         body = envelope(message, "invalid_request_error", param=param, code="invalid_value")
@@ -177,7 +214,11 @@ def error_response(exc: BaseException) -> JSONResponse:
         status = exc.status_code
         headers = dict(exc.headers or {})
         error_type = _HTTP_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-        body = envelope(str(exc.detail), error_type, code=_HTTP_CODES.get(status))
+        unreadable = _UNREADABLE.get(type(exc.__cause__)) if status == 400 else None
+        if unreadable:  # FastAPI's "There was an error parsing the body" says neither what nor where
+            body = envelope(f"{unreadable}: {exc.__cause__}", error_type, code="invalid_json")
+        else:
+            body = envelope(str(exc.detail), error_type, code=_HTTP_CODES.get(status))
     else:
         logger.error("unexpected error", exc_info=(type(exc), exc, exc.__traceback__))
         status = 500

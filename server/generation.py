@@ -5,7 +5,8 @@ template for chat), :func:`server.admission.admit` refuses what cannot fit and c
 the request goes to the least-loaded healthy engine with ``vllm_xargs.rope_factor`` set to that factor
 (every other field as the client sent it). Non-streaming answers are returned as the engine wrote them;
 streams are relayed chunk by chunk as they arrive, and closing the client connection closes the engine's
-stream (vLLM then aborts the request). Both carry ``x-rope-factor``::
+stream (vLLM then aborts the request); a client that leaves before a non-streaming answer is ready has its
+engine call cancelled the same way (:func:`unless_client_leaves`). Both carry ``x-rope-factor``::
 
     generation = Generation(pool, scaling, "SmolLM2-135M-Instruct", metrics)
     response = await generation.handle("/v1/chat/completions", ChatCompletionRequest(...))
@@ -26,9 +27,9 @@ import httpx
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from rope_ext import RopeConfigError, RopeScaling
+from rope_ext import RopeConfigError, RopeScaling, validate_override
 from server.admission import Admission, admit, resolve_override
-from server.errors import EngineError, GatewayError, ModelNotFound, envelope
+from server.errors import ClientClosedRequest, EngineError, GatewayError, ModelNotFound, envelope, error_response
 from server.metrics import GatewayMetrics
 from server.schemas import ChatCompletionRequest, CompletionRequest
 from server.upstreams import EnginePool, Lease
@@ -92,6 +93,8 @@ class Generation:
         with self._counting_rejections():
             override = resolve_override(request.rope_factor, request.rope_method, xargs.get("rope_factor"),
                                         self.scaling)
+            if override is not None:  # refuse a bad factor before it costs a tokenization
+                validate_override(override, self.scaling)
         prompt_tokens = await self.count_prompt(request)
         with self._counting_rejections():
             admission = admit(prompt_tokens, request.max_new_tokens(), self.scaling, override=override,
@@ -174,6 +177,13 @@ class Generation:
             async for chunk in response.aiter_bytes():  # as they arrive (decoded if the engine compressed)
                 scanner.feed(chunk)
                 yield chunk
+        except httpx.TimeoutException:
+            timeout = lease.engine.client.timeout.read
+            logger.warning("engine %s sent nothing for %s s mid-stream; ending the stream", lease.engine.url,
+                           timeout)
+            error = envelope(f"the engine sent nothing for {timeout:g} s (the request timeout) while streaming",
+                             "server_error", code="engine_timeout")
+            yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
         except httpx.HTTPError as exc:
             logger.warning("engine %s failed mid-stream after %.1f s: %s", lease.engine.url,
                            time.monotonic() - started, exc)
@@ -187,6 +197,36 @@ class Generation:
         usage = data.get("usage") if isinstance(data, dict) else None
         if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
             self.metrics.generated_tokens.labels(route).inc(usage["completion_tokens"])
+
+
+async def unless_client_leaves(receive: Receive, work: Awaitable[Response]) -> Response:
+    """``work``'s response, or, when the client disconnects first, a 499 after cancelling ``work``.
+
+    Cancelling closes the engine connection of a call in progress, and vLLM aborts a request whose client
+    left: an abandoned non-streaming request stops costing engine time at once, not when its answer is done
+    (streams are watched by the streaming response itself). ``receive`` is the request's, its body already
+    read: its next message is the disconnect."""
+    task = asyncio.ensure_future(work)
+
+    async def client_left() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(client_left())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    logger.info("the client left before its answer was ready; the engine request was cancelled")
+    return error_response(ClientClosedRequest("the client closed the connection before the answer was ready"))
 
 
 class UsageScanner:

@@ -6,22 +6,32 @@
   needs ``Authorization: Bearer <key>``; keys are compared in constant time (``hmac.compare_digest``).
 - :class:`BodyLimitMiddleware`: refuses bodies over ``max_body_bytes`` with 413, by their Content-Length or
   while reading them, then replays the body to the app.
+- :class:`EndOnCancelMiddleware`: a request the server cancels (uvicorn does, to those still running when the
+  shutdown grace period is over) ends cleanly: a 503 if nothing was sent yet, an error event and
+  ``data: [DONE]`` for a stream, instead of a connection cut mid-body.
 
 Their error responses come from :func:`server.errors.error_response`, like every other error.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import json
+import logging
 import time
 from collections.abc import Iterable
 
+import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import AuthenticationFailed, PayloadTooLarge, error_response
+from server.errors import AuthenticationFailed, PayloadTooLarge, ShuttingDown, envelope, error_response
 from server.metrics import GatewayMetrics
 
+logger = logging.getLogger(__name__)
+
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+SHUTDOWN_MESSAGE = "the gateway is shutting down and its grace period for this request is over; retry"
 
 
 class RequestMetricsMiddleware:
@@ -124,3 +134,43 @@ class BodyLimitMiddleware:
             return await receive()  # later calls wait for the client's disconnect, as usual
 
         await self.app(scope, replay, send)
+
+
+class EndOnCancelMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = finished = event_stream = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started, finished, event_stream
+            if message["type"] == "http.response.start":
+                started = True
+                event_stream = any(name.lower() == b"content-type" and value.startswith(b"text/event-stream")
+                                   for name, value in message.get("headers", []))
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                finished = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except asyncio.CancelledError:
+            if finished or (started and not event_stream):
+                raise  # nothing clean left to say
+            logger.warning("ending %s %s: the shutdown grace period is over", scope["method"], scope["path"])
+            with anyio.CancelScope(shield=True):
+                try:
+                    if not started:
+                        await error_response(ShuttingDown(SHUTDOWN_MESSAGE))(scope, receive, watched)
+                    else:
+                        error = envelope(SHUTDOWN_MESSAGE, "server_error", code=ShuttingDown.code)
+                        await watched({"type": "http.response.body", "more_body": False,
+                                       "body": f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()})
+                except OSError:  # the client is gone as well
+                    pass
+            # The response is complete: end the request normally (re-raising would make uvicorn log it as a
+            # crash and cut the connection it just finished).

@@ -9,23 +9,68 @@ own...), which reach the engine unchanged. Our extensions, stripped before forwa
 - ``rope_method`` (a rope_ext method name): ``"default"`` runs the request with plain RoPE (factor 1,
   the unscaled model, for A/B comparisons); the served method (e.g. ``"dynamic_yarn"``) is the normal
   behaviour; any other known method is refused with 400, as the engine does not serve it.
+
+The sampling fields whose bad values the engine would refuse anyway (``n``, ``temperature``, ``top_p``,
+``max_tokens``) are checked here with vLLM's bounds, ``n`` capped at OpenAI's 128, so a bad request is a 400
+before it costs a tokenization; and a body must be JSON the engine can read (no NaN or Infinity, no lone
+UTF-16 surrogate in a string: both pass Python's JSON parser and break the forwarded request).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import math
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rope_ext import METHODS
 
 ROPE_FIELDS = frozenset({"rope_factor", "rope_method"})
+MAX_N = 128  # OpenAI's limit on completions per request (vLLM allows 16384: a cheap way to flood an engine)
+
+# A strict JSON integer (not true, not "10", not 2.0), as OpenAI's API reads it.
+TokenCount = Annotated[int, Field(strict=True, ge=1)]
+TokenId = Annotated[int, Field(strict=True, ge=0)]
+
+
+def json_problem(value: Any, where: str = "") -> str | None:
+    """What makes ``value`` (parsed JSON) impossible to forward as JSON, and where, or None.
+
+    Python's parser accepts ``NaN``, ``Infinity`` and ``"\\ud800"``; encoding them again for the engine fails
+    (a 500 in the gateway before this check)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where or 'the body'} holds {value!r}, which is not a number JSON allows"
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return (f"{where or 'the body'} holds a lone surrogate ({value[exc.start]!r}), which is not valid "
+                    "Unicode")
+        return None
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = json_problem(key, where) or json_problem(item, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
 
 
 class RopeFields(BaseModel):
-    """The per-request RoPE controls shared by both routes."""
+    """The fields shared by both routes: the per-request RoPE controls and the sampling bounds."""
 
     model_config = ConfigDict(extra="allow")
+
+    n: int | None = Field(None, ge=1, le=MAX_N, strict=True, description="Completions to generate.")
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False, strict=True,
+                                      description="Sampling temperature in [0, 2] (0: greedy).")
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, strict=True,
+                                description="Nucleus sampling mass in (0, 1].")
 
     rope_factor: float | None = Field(
         None, ge=1, allow_inf_nan=False, strict=True,
@@ -40,6 +85,15 @@ class RopeFields(BaseModel):
             raise ValueError(f"unknown method {value!r}; known methods: {', '.join(sorted(METHODS))}")
         return value
 
+    @model_validator(mode="after")
+    def _forwardable(self) -> RopeFields:
+        body = self.model_dump(exclude_unset=True)
+        try:  # the fast path: C encoding, as the forwarding will do it
+            json.dumps(body, allow_nan=False, ensure_ascii=False).encode("utf-8")
+        except (ValueError, UnicodeEncodeError):
+            raise ValueError(json_problem(body) or "the body cannot be encoded as JSON") from None
+        return self
+
     def forwarded(self) -> dict[str, Any]:
         """The body for the engine: what the client sent, without our extension fields."""
         return self.model_dump(exclude_unset=True, exclude=set(ROPE_FIELDS))
@@ -50,9 +104,11 @@ class CompletionRequest(RopeFields):
     policy and the context check)."""
 
     model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
         description="Text, texts, token ids or lists of token ids.")
-    max_tokens: int | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=0, strict=True,
+                                   description="Tokens to generate (0 only with echo: score the prompt).")
+    echo: bool | None = None
     stream: bool = False
     vllm_xargs: dict[str, Any] | None = None
     add_special_tokens: bool = True
@@ -62,7 +118,15 @@ class CompletionRequest(RopeFields):
     def _non_empty(cls, value: Any) -> Any:
         if isinstance(value, list) and (not value or any(isinstance(v, list) and not v for v in value)):
             raise ValueError("prompt must not be an empty list")
+        if value == "" or (isinstance(value, list) and "" in value):
+            raise ValueError("prompt must not be empty")
         return value
+
+    @model_validator(mode="after")
+    def _generates(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens must be at least 1 (0 is only allowed with echo, to score the prompt)")
+        return self
 
     def max_new_tokens(self) -> int | None:
         return self.max_tokens
@@ -74,8 +138,8 @@ class ChatCompletionRequest(RopeFields):
 
     model: str | None = None
     messages: list[dict[str, Any]] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=0)
-    max_completion_tokens: int | None = Field(None, ge=0)
+    max_tokens: TokenCount | None = None
+    max_completion_tokens: TokenCount | None = None
     stream: bool = False
     vllm_xargs: dict[str, Any] | None = None
 

@@ -58,6 +58,9 @@ class GatewaySettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="Port the gateway listens on.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level of the gateway (and of uvicorn).")
+    shutdown_grace_s: float = Field(
+        30.0, gt=0, description="On SIGTERM or Ctrl-C, how long in-flight requests may run on (new connections "
+        "are refused at once); those still running then end with a 503, or streams with an error event.")
     served_model_name: str = Field(
         MODEL_NAME, min_length=1, description="The model name clients send and /v1/models lists; the "
         "engines must serve it under this name (`--served-model-name`).")

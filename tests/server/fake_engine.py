@@ -6,8 +6,11 @@ tokenizer, with a toy chat template for ``messages``), ``POST /v1/completions`` 
 ``GET /metrics``. Like the real engine with the rope plugin, it reads ``vllm_xargs.rope_factor``, refuses bad
 values with 400, rounds good ones up to a bucket and records the factor it ran at. Generation is
 deterministic: a passkey prompt is answered with its key (or a wrong one when ``passkey_wrong``), anything
-else with ``t0 t1 ...`` up to ``max_tokens`` (default 16). Knobs let tests make it unhealthy, refuse
-connections (``down``, through :meth:`transport`), fail, or hold a stream open (``gate``)::
+else with ``t0 t1 ...`` up to ``max_tokens`` (default 16); with ``sign_answers``, each token also carries the
+factor the request ran at and a hash of its prompt (`` t0/f2/h1234``), so a request whose factor or prompt
+got mixed up with another's answers differently. ``token_delay_s`` paces streams token by token and delays
+a whole non-streaming answer as long (aborted, as vLLM does, when its client leaves). Knobs let tests make it unhealthy, refuse connections (``down``,
+through :meth:`transport`), fail, or hold a stream open (``gate``)::
 
     engine = FakeEngine()
     transport = engine.transport()            # for httpx / EnginePool(transports=...)
@@ -74,11 +77,12 @@ class _RefusingTransport(httpx.AsyncBaseTransport):
 
 class FakeEngine:
     def __init__(self, *, model: str = MODEL, scaling: RopeScaling | None = None,
-                 max_model_len: int | None = None, token_delay_s: float = 0.0) -> None:
+                 max_model_len: int | None = None, token_delay_s: float = 0.0, sign_answers: bool = False) -> None:
         self.model = model
         self.scaling = scaling or RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0)
         self.max_model_len = max_model_len if max_model_len is not None else self.scaling.max_context
         self.token_delay_s = token_delay_s
+        self.sign_answers = sign_answers
         self.healthy = True
         self.down = False
         self.passkey_wrong = False
@@ -93,6 +97,7 @@ class FakeEngine:
         self.max_in_flight = 0
         self.streams_cancelled = 0
         self.streams_finished = 0
+        self.requests_aborted = 0
         self.app = self._build()
 
     def transport(self) -> httpx.AsyncBaseTransport:
@@ -131,7 +136,9 @@ class FakeEngine:
 
         @app.get("/metrics")
         async def metrics() -> PlainTextResponse:
-            return PlainTextResponse(f"vllm:num_requests_running {engine.in_flight}\n")
+            return PlainTextResponse(f"vllm:num_requests_running {engine.in_flight}\n"
+                                     f"fake:requests_aborted_total {engine.requests_aborted}\n"
+                                     f"fake:streams_cancelled_total {engine.streams_cancelled}\n")
 
         @app.post("/tokenize")
         async def tokenize(request: Request) -> JSONResponse:
@@ -170,7 +177,9 @@ class FakeEngine:
                 return vllm_error(400, str(exc), exc.field)
             engine.factors.append(factor)
             pieces = engine._answer(prompt, 16 if max_tokens is None else max_tokens)
-            n = int(body.get("n", 1))
+            if engine.sign_answers:
+                pieces = [f"{piece}/f{factor:g}/h{zlib.crc32(prompt.encode()) % 10000}" for piece in pieces]
+            n = int(body.get("n") or 1)
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(pieces) * n,
                      "total_tokens": prompt_tokens + len(pieces) * n}
             kind = "chat.completion" if chat else "text_completion"
@@ -179,6 +188,10 @@ class FakeEngine:
                 engine.max_in_flight = max(engine.max_in_flight, engine.in_flight)
                 try:
                     await engine._wait_gate()
+                    if engine.token_delay_s and not await engine._generate_unless_aborted(
+                            request, engine.token_delay_s * len(pieces)):
+                        engine.requests_aborted += 1
+                        return PlainTextResponse("", status_code=499)
                 finally:
                     engine.in_flight -= 1
                 if chat:
@@ -202,6 +215,16 @@ class FakeEngine:
             return await generate(request, chat=True)
 
         return app
+
+    @staticmethod
+    async def _generate_unless_aborted(request: Request, seconds: float) -> bool:
+        """Spend ``seconds`` "generating"; False when the client left first (vLLM aborts such a request)."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if await request.is_disconnected():
+                return False
+            await asyncio.sleep(min(left, 0.01))
+        return True
 
     async def _wait_gate(self) -> None:
         """Hold the request while a test keeps ``gate`` closed (a threading.Event: tests may run the engine
