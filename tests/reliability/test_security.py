@@ -44,7 +44,7 @@ def test_no_secret_in_the_repository() -> None:
 
 
 def test_the_secret_scan_finds_what_it_looks_for() -> None:
-    fake = "-----BEGIN OPENSSH PRIVATE KEY-----\nAKIA" + "ABCDEFGHIJKLMNOP" + "\nsk-" + "a1" * 20
+    fake = "-----BEGIN OPENSSH " + "PRIVATE KEY-----\nAKIA" + "ABCDEFGHIJKLMNOP" + "\nsk-" + "a1" * 20
     assert {kind for kind, pattern in SECRET_PATTERNS.items() if pattern.search(fake)} == {
         "private key", "AWS access key", "OpenAI-style key"}
 
