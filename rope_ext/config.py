@@ -17,6 +17,7 @@ from typing import Any
 from rope_ext.errors import RopeConfigError
 
 DEFAULT_GENERATION_RESERVE = 512
+GROWTH_MODES = ("reserve", "grow")
 
 
 def _check_finite(field: str, value: float | None, *, optional: bool = False) -> None:
@@ -75,7 +76,10 @@ class RopeScaling:
     ``floor(L * max_factor)``. ``buckets`` are the scales a request may run at (default: powers of two
     up to ``max_factor``). ``generation_reserve`` is the room assumed for generation when a request does
     not say its ``max_tokens``. ``finetuned_factor`` is the factor a model was fine-tuned at with YaRN:
-    no request runs below it. The rest are the paper's and transformers' knobs.
+    no request runs below it. ``growth`` says how a request's generation is provided for: ``"reserve"``
+    (default) sizes its bucket for prompt plus generation up front and keeps it; ``"grow"`` admits it at
+    the smallest bucket that fits its prompt and moves it to the next bucket, re-rotating its cached
+    keys (``rope_ext.rerotate``), when it outgrows one. The rest are the paper's and transformers' knobs.
     """
 
     method: str = "dynamic_yarn"
@@ -92,6 +96,7 @@ class RopeScaling:
     mscale_all_dim: float | None = None
     attention_factor: float | None = None
     truncate: bool = True
+    growth: str = "reserve"
 
     def __post_init__(self) -> None:
         from rope_ext.methods import METHODS  # local: methods imports this module
@@ -132,6 +137,8 @@ class RopeScaling:
         reserve = self.generation_reserve
         if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
             raise RopeConfigError("generation_reserve", f"must be an integer >= 0 (got {reserve!r})")
+        if self.growth not in GROWTH_MODES:
+            raise RopeConfigError("growth", f"must be one of {', '.join(GROWTH_MODES)} (got {self.growth!r})")
         buckets = default_buckets(self.max_factor) if self.buckets is None else tuple(self.buckets)
         for value in buckets:
             _check_finite("buckets", value)
@@ -159,7 +166,7 @@ class RopeScaling:
 
         ``rope_type`` is the method; ``factor`` the maximum factor; ``original_max_position_embeddings``
         is L (falling back to ``max_position_embeddings``). Our keys: ``buckets``,
-        ``generation_reserve``, ``finetuned_factor``, ``extrapolation_factor``, ``attn_factor``.
+        ``generation_reserve``, ``finetuned_factor``, ``extrapolation_factor``, ``attn_factor``, ``growth``.
         """
         L = params.get("original_max_position_embeddings", max_position_embeddings)
         if L is None:
@@ -171,7 +178,7 @@ class RopeScaling:
         }
         for key in ("generation_reserve", "finetuned_factor", "beta_fast", "beta_slow",
                     "extrapolation_factor", "attn_factor", "mscale", "mscale_all_dim",
-                    "attention_factor", "truncate"):
+                    "attention_factor", "truncate", "growth"):
             if params.get(key) is not None:
                 kwargs[key] = params[key]
         if params.get("buckets") is not None:

@@ -12,7 +12,11 @@ The rule, for a model with original context L and buckets ``1 = s_0 < s_1 < ... 
 5. The request runs at the smallest bucket at or above that scale (the largest bucket if none is).
 
 The result depends on nothing but the request and the settings, so the gateway and the engine compute
-the same scale for the same request, and it never changes during the request's life.
+the same scale for the same request. Under ``growth="reserve"`` (the default) it never changes during the
+request's life. Under ``growth="grow"`` the planned length in rule 1 is the prompt alone (the smallest
+bucket that fits the prompt), and a request that may generate past that bucket's capacity
+(:func:`may_outgrow`) moves, when it does, to :func:`bucket_for_length` of its new length, its cached
+keys re-rotated (``rope_ext.rerotate``).
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ def choose_factor(prompt_tokens: int, max_tokens: int | None, scaling: RopeScali
                   override: object | None = None) -> float:
     """The bucket scale a request runs at (see the module docstring for the rule)."""
     length = planned_length(prompt_tokens, max_tokens, scaling)
+    if scaling.growth == "grow":
+        length = prompt_tokens
     if override is not None:
         needed = validate_override(override, scaling)
         return smallest_bucket_at_least(max(needed, scaling.finetuned_factor), scaling)
@@ -65,3 +71,20 @@ def choose_factor(prompt_tokens: int, max_tokens: int | None, scaling: RopeScali
         if bucket >= scaling.finetuned_factor and scaling.capacity(bucket) >= length:
             return bucket
     return scaling.buckets[-1]
+
+
+def bucket_for_length(length: int, scaling: RopeScaling, *, at_least: float = 1.0) -> float:
+    """The smallest bucket ``>= at_least`` whose capacity holds ``length`` tokens (the largest if none)."""
+    for bucket in scaling.buckets:
+        if bucket >= at_least and scaling.capacity(bucket) >= length:
+            return bucket
+    return scaling.buckets[-1]
+
+
+def may_outgrow(prompt_tokens: int, max_tokens: int | None, factor: float, scaling: RopeScaling) -> bool:
+    """Whether a request admitted at ``factor`` under ``growth="grow"`` may need a larger bucket later:
+    ``prompt + max_tokens`` (unbounded when ``max_tokens`` is None) exceeds the bucket's capacity and a
+    larger bucket exists. Always False under ``growth="reserve"``."""
+    if scaling.growth != "grow" or factor >= scaling.buckets[-1]:
+        return False
+    return max_tokens is None or prompt_tokens + max_tokens > scaling.capacity(factor)

@@ -14,6 +14,7 @@ may ask for a factor with ``vllm_xargs={"rope_factor": 4}``.
 
 Pieces: :mod:`.config` (which models, which settings), :mod:`.rotary` (stacked bucket tables),
 :mod:`.admission` (the policy at admission, prefix-cache salt), :mod:`.runner` (per-token row offsets),
+:mod:`.regrow` (opt-in growth: re-rotating a request's cached keys into a larger bucket),
 :mod:`.metrics`, :mod:`.compat` (the vLLM internals relied on, checked).
 """
 

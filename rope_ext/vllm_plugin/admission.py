@@ -12,7 +12,8 @@ outgrows its bucket), where the model runner reads it for every step.
 Prefix caching: vLLM's block hash covers tokens, LoRA, multimodal inputs and ``cache_salt``, not RoPE.
 Keys cached at one scale are wrong at another, so a request at a factor other than 1 gets its factor
 appended to its ``cache_salt``: blocks are shared only between requests at the same scale. Factor-1
-requests keep their salt, sharing blocks with each other exactly as stock vLLM does.
+requests keep their salt, sharing blocks with each other exactly as stock vLLM does. Under
+``growth: "grow"`` a request that may outgrow its bucket gets a salt of its own (see ``.regrow``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import logging
 from rope_ext import RopeConfigError, RopeScaling, choose_factor
 from rope_ext.vllm_plugin.config import scaling_for_model
 from rope_ext.vllm_plugin.metrics import rope_metrics
+from rope_ext.vllm_plugin.regrow import GROWTH_KEY, growable_salt, plan_growth
 
 logger = logging.getLogger("vllm.ropeserve")
 
@@ -55,17 +57,23 @@ def admit(request, scaling: RopeScaling, max_model_len: int) -> float | None:
         prompt_len = int(request.prompt_embeds.shape[0])
     extra = dict(params.extra_args or {})
     override = extra.get(FACTOR_KEY)
+    max_tokens = requested_max_tokens(prompt_len, params.max_tokens, max_model_len)
+    growable = False
     try:
-        factor = choose_factor(prompt_len, requested_max_tokens(prompt_len, params.max_tokens, max_model_len),
-                               scaling, override=override)
+        factor = choose_factor(prompt_len, max_tokens, scaling, override=override)
+        if scaling.growth == "grow":  # see .regrow: larger buckets as the request grows
+            factor, growable = plan_growth(scaling, factor, prompt_len, max_tokens, n=params.n, override=override)
     except RopeConfigError as exc:
         from vllm.exceptions import VLLMValidationError
 
         raise VLLMValidationError(str(exc), parameter=FACTOR_KEY, value=override) from exc
     extra[FACTOR_KEY] = factor
-    extra[CAPACITY_KEY] = scaling.capacity(factor)
+    # A growable request outgrows its bucket for good only past the largest one.
+    extra[CAPACITY_KEY] = scaling.capacity(scaling.buckets[-1] if growable else factor)
+    if growable:
+        extra[GROWTH_KEY] = True
     params.extra_args = extra
-    request.cache_salt = salt_for(request.cache_salt, factor)
+    request.cache_salt = growable_salt(request.cache_salt) if growable else salt_for(request.cache_salt, factor)
     rope_metrics()[0].observe(factor)
     logger.debug("request %s: prompt %d tokens, max_tokens %s, override %s -> rope factor %s",
                  request.request_id, prompt_len, params.max_tokens, override, factor)

@@ -5,8 +5,9 @@ tokens out request by request in ``input_batch`` order. After it runs, we look u
 (``sampling_params.extra_args["rope_factor"]``, decided at admission; the same policy is applied here
 when a request lacks it) and fill ``token_offsets`` of every :class:`PerRequestRotaryEmbedding` with
 ``np.repeat(row_offset_per_request, num_scheduled_tokens)``. Every prefill chunk and every decode step
-of a request therefore uses its one scale. A request that grows past its bucket keeps its scale
-(re-rotating its cached keys is a separate feature); the first time, a warning is logged.
+of a request therefore uses its one scale. A request that grows past its bucket keeps its scale (the
+first time, a warning is logged), unless the model says ``growth: "grow"``: then, before the offsets
+are written, :mod:`.regrow` moves it to a larger bucket and re-rotates its cached keys.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from rope_ext import choose_factor
 from rope_ext.vllm_plugin.admission import CAPACITY_KEY, FACTOR_KEY, requested_max_tokens
+from rope_ext.vllm_plugin.regrow import grow_requests
 from rope_ext.vllm_plugin.rotary import PerRequestRotaryEmbedding
 
 logger = logging.getLogger("vllm.ropeserve")
@@ -90,6 +92,7 @@ def patch_model_runner() -> None:
         if state is None:
             state = self._ropeserve_state = RunnerRopeState.discover(self)
         if state.modules:
+            grow_requests(self, state.modules[0], num_scheduled_tokens, factor_key=FACTOR_KEY)  # growth "grow"
             state.fill(self, num_scheduled_tokens)
         return result
 

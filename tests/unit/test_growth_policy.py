@@ -1,0 +1,69 @@
+"""The ``growth`` setting of the policy: "reserve" (default, today's rule) against "grow" (admit at the
+smallest bucket that fits the prompt, move to a larger bucket when the request outgrows its own).
+Default model settings: L = 8192, buckets 1, 2, 4, 8.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from rope_ext import RopeConfigError, RopeScaling, choose_factor
+from rope_ext.policy import bucket_for_length, may_outgrow
+
+RESERVE = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0)
+GROW = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, growth="grow")
+
+
+def test_default_is_reserve() -> None:
+    assert RESERVE.growth == "reserve"
+    assert RopeScaling.from_rope_parameters({"rope_type": "dynamic_yarn", "factor": 8.0},
+                                            max_position_embeddings=8192).growth == "reserve"
+    assert RopeScaling.from_rope_parameters({"rope_type": "dynamic_yarn", "factor": 8.0, "growth": "grow"},
+                                            max_position_embeddings=8192).growth == "grow"
+
+
+@pytest.mark.parametrize("bad", ["Grow", "", "dynamic", None, 1])
+def test_unknown_growth_mode_is_rejected(bad) -> None:
+    with pytest.raises(RopeConfigError) as info:
+        RopeScaling(original_max_position=8192, max_factor=8.0, growth=bad)
+    assert info.value.field == "growth"
+
+
+@pytest.mark.parametrize(("prompt", "max_tokens", "reserve", "grow"), [
+    (100, None, 1.0, 1.0),
+    (8000, None, 2.0, 1.0),     # reserve counts the 512-token reserve; grow only the prompt
+    (8000, 4000, 2.0, 1.0),
+    (8192, 1, 2.0, 1.0),        # the prompt fills L exactly
+    (8193, 0, 2.0, 2.0),
+    (16000, 20000, 8.0, 2.0),
+    (40000, 16, 8.0, 8.0),
+])
+def test_grow_admits_at_the_smallest_bucket_that_fits_the_prompt(prompt, max_tokens, reserve, grow) -> None:
+    assert choose_factor(prompt, max_tokens, RESERVE) == reserve
+    assert choose_factor(prompt, max_tokens, GROW) == grow
+
+
+def test_override_and_finetuned_floor_still_apply_under_grow() -> None:
+    assert choose_factor(100, 16, GROW, override=3) == 4.0
+    floored = RopeScaling(original_max_position=8192, max_factor=8.0, finetuned_factor=2.0, growth="grow")
+    assert choose_factor(100, 16, floored) == 2.0
+
+
+@pytest.mark.parametrize(("length", "at_least", "expected"), [
+    (1, 1.0, 1.0), (8192, 1.0, 1.0), (8193, 1.0, 2.0), (16385, 1.0, 4.0), (70000, 1.0, 8.0),
+    (100, 2.0, 2.0), (16385, 2.0, 4.0),
+])
+def test_bucket_for_length(length, at_least, expected) -> None:
+    assert bucket_for_length(length, GROW, at_least=at_least) == expected
+
+
+@pytest.mark.parametrize(("prompt", "max_tokens", "factor", "expected"), [
+    (8000, 192, 1.0, False),    # 8192 fits in bucket 1
+    (8000, 193, 1.0, True),
+    (8000, None, 1.0, True),    # no limit: it may grow
+    (30000, None, 8.0, False),  # the largest bucket: nowhere to grow
+    (100, 16, 2.0, False),
+])
+def test_may_outgrow(prompt, max_tokens, factor, expected) -> None:
+    assert may_outgrow(prompt, max_tokens, factor, GROW) is expected
+    assert may_outgrow(prompt, max_tokens, factor, RESERVE) is False
