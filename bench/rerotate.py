@@ -121,18 +121,20 @@ def bench_conversion(dtype: torch.dtype, repeats: int) -> dict[str, float]:
 
 
 def bench_prefill(dtype: str) -> float:
+    from transformers import AutoTokenizer
+
     from server.default_model import prepare
     from server.offline import EngineSpec, Request, run_offline
 
     text = (REPO.parent / "shared" / "data" / "books" / "katrine.txt").read_text(encoding="utf-8")
-    from transformers import AutoTokenizer
-
     model = str(prepare())
     ids = AutoTokenizer.from_pretrained(model)(text, add_special_tokens=False).input_ids[:TOKENS]
     plugin = {"rope_parameters": {"rope_type": "dynamic_yarn", "rope_theta": THETA, "factor": MAX_FACTOR,
                                   "original_max_position_embeddings": L}}
-    spec = EngineSpec(model=model, dtype=dtype, hf_overrides=plugin, kv_cache_gib=1,
-                      enable_prefix_caching=False, env={"VLLM_CPU_OMP_THREADS_BIND": "0"})
+    spec = EngineSpec(model=model, dtype=dtype, hf_overrides=plugin, kv_cache_gib=1, max_model_len=TOKENS + 64,
+                      enable_prefix_caching=False,
+                      # one 16k-token step may take minutes on a busy machine: vLLM's 300 s limit would kill it
+                      env={"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600"})
     (_warm,), (timed,) = run_offline(spec, [[Request(prompt_token_ids=ids[:512], max_tokens=1)],
                                            [Request(prompt_token_ids=ids, max_tokens=1)]])
     return timed.seconds

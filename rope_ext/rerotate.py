@@ -12,9 +12,10 @@ values and the dims past ``rotary_dim`` are untouched. Two ways to get there:
 - :func:`rerotate`, the fast path: one rotation by the angle difference, scaled once,
   ``k_b = (m_b / m_a) * R(delta) k_a``, reading rows of a *delta table* (:func:`delta_rows`,
   :func:`delta_table`) laid out exactly as vLLM's ``cos_sin_cache``: first half ``(m_b/m_a) cos(delta)``,
-  second half ``(m_b/m_a) sin(delta)``. vLLM's stock kernel therefore does the conversion too, on CPU and
-  CUDA: ``ops.rotary_embedding(positions, keys, None, head_size, delta.to(keys.dtype), is_neox)`` with
-  the keys passed as its query (used by ``rope_ext.vllm_plugin.regrow``).
+  second half ``(m_b/m_a) sin(delta)``. vLLM's stock kernel therefore does the conversion too:
+  ``ops.rotary_embedding(positions, keys, None, head_size, delta.to(keys.dtype), is_neox)`` with the keys
+  passed as its query (tested on the CPU kernel; the CUDA kernel has the same contract but has not been
+  run here; used by ``rope_ext.vllm_plugin.regrow`` with float32 keys and table).
 
 Why the delta rows are a quotient of table rows: a row of a cos/sin table is the complex number
 ``z = m (cos t + i sin t)`` with t the angle *as the table rounded it* (float32 ``p * inv_freq``, as vLLM

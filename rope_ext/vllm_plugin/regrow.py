@@ -12,7 +12,8 @@ What the re-rotation does and does not give: keys then carry the new scale's pos
 rounding), but the keys and values of earlier tokens in layers >= 1 were computed from hidden states
 that attended at the old scale. The result is therefore the paper's Dynamic Scaling with keys cached
 before RoPE (the YaRN paper, section 3.3), not a fresh prefill at the new scale; tests/plugin/
-test_engine_regrow.py checks the former exactly and measures the gap to the latter.
+test_engine_regrow.py checks the former against an independent oracle (float32 tolerance) and measures
+the gap to the latter.
 
 Where the keys are: a layer's cache tensor (``static_forward_context[name].kv_cache``) holds blocks whose
 interior layout depends on the backend and, on CPU, on the ISA and dtype (vLLM 0.32's CPU ``vec`` layout
@@ -25,17 +26,21 @@ runs in ``_prepare_inputs``, after the previous step's forward has written its k
 turns vLLM's asynchronous scheduling off).
 
 Prefix caching: a block re-rotated for one request must never serve another. At admission
-(:func:`plan_growth`, :func:`growable_salt`) a request that may outgrow its bucket gets a cache salt of its own: it neither
-reads other requests' blocks nor leaves blocks another request could hit, so no block it rotates is
-shared and none needs copying. The price: such requests get no prefix-cache hits. Requests that cannot
+(:func:`plan_growth`, :func:`growable_salt`) a request that may outgrow its bucket gets a cache salt of
+its own: it neither reads other requests' blocks nor leaves blocks another request could hit, so no
+block it rotates is shared and none needs copying. The price: such requests get no prefix-cache hits. Requests that cannot
 outgrow their bucket (their ``max_tokens`` fits) keep sharing per scale as before. Parallel sampling
 (``n > 1``) shares the prompt's blocks between its children, so such requests are not grown: they
 reserve up front.
 
+The conversion per layer: gather the request's blocks, convert the keys in float32 with vLLM's stock
+rotary kernel (``ops.rotary_embedding``, the keys passed as its query, the delta table as its cos/sin
+cache), round once to the cache dtype, write back.
+
 Scope: vLLM's CPU attention backend with an unquantized KV cache, full-attention layers only (checked
-when the first request grows; anything else raises :class:`UnsupportedGrowthError`). The conversion
-itself is device-agnostic torch, and ``ops.rotary_embedding`` with a delta table does it on CUDA too
-(tests/unit/test_rerotate.py), but the CUDA engine path has not been run.
+at the engine's first step; anything else raises :class:`UnsupportedGrowthError`). vLLM's CUDA rotary
+kernel has the same contract and the probe uses only the backend's own writer, but no CUDA engine has
+run this path, so it refuses to start there.
 """
 
 from __future__ import annotations
