@@ -51,8 +51,11 @@ def parser(experiments: tuple[str, ...] | None) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--model", help="model directory (default: the prepared default model)")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results", help="results folder")
-    p.add_argument("--chunk-tokens", type=int, default=500_000,
+    p.add_argument("--chunk-tokens", type=int, default=200_000,
                    help="planned tokens per engine start at most (bounds the work lost to an interruption)")
+    p.add_argument("--cpu-bind", metavar="CORES",
+                   help="vLLM CPU: the cores the engines' compute threads bind to (VLLM_CPU_OMP_THREADS_BIND, "
+                        "e.g. 1); by default vLLM picks, which on 2 cores is core 0 for every engine")
     p.add_argument("--dry-run", action="store_true", help="print the plan and its estimated cost; run nothing")
     p.add_argument("--report-only", action="store_true", help="write tables and plots from stored cells only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -120,6 +123,8 @@ def command_line() -> str:
 
 def main(argv: list[str] | None = None, *, experiments: tuple[str, ...] | None = None) -> int:
     args = parser(experiments).parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a log file as they happen
     names = list(experiments or args.experiments or EXPERIMENTS)
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
@@ -147,11 +152,12 @@ def main(argv: list[str] | None = None, *, experiments: tuple[str, ...] | None =
               ", ".join(f"{n}x{c}" for n, c in sorted(tokens.items())))
     if args.dry_run:
         return 0
-    started, wall0 = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
+    started, wall0, git = datetime.datetime.now(datetime.timezone.utc), time.perf_counter(), git_state()
     report = None
     if not args.report_only and pending:
         report = run_cells(jobs, model=args.model, dtype=args.dtype, seed=args.seed,
-                           chunk_tokens=args.chunk_tokens, progress=not args.no_progress)
+                           chunk_tokens=args.chunk_tokens, progress=not args.no_progress,
+                           env={"VLLM_CPU_OMP_THREADS_BIND": args.cpu_bind} if args.cpu_bind else None)
     wall = time.perf_counter() - wall0
     for experiment, grid, store, cells in plans:
         rows = [row for row in (store.get(c.key) for c in cells) if row is not None]
@@ -162,7 +168,7 @@ def main(argv: list[str] | None = None, *, experiments: tuple[str, ...] | None =
             print(f"  {path.relative_to(args.out) if path.is_relative_to(args.out) else path}")
         if report is not None:
             log = {"experiments": names, "mode": args.mode, "command": command_line(),
-                   **git_state(), "machine": machine(), "started_utc": started.isoformat(timespec="seconds"),
+                   **git, "machine": machine(), "started_utc": started.isoformat(timespec="seconds"),
                    "wall_s": round(wall, 1), "planned_cells": report.planned, "already_done": report.already_done,
                    "computed_cells": report.computed, "missing_cells": missing,
                    "engine_runs": [dataclasses.asdict(r) for r in report.engine_runs]}

@@ -7,10 +7,17 @@ is plain RoPE at or below L. Engines are described by :class:`EngineConfig` (hf_
 them, all with enforce_eager through :mod:`server.offline`); one engine serves every cell that maps to it.
 
 vLLM 0.32 names checked in its source (``rotary_embedding/__init__.py``, ``config/model.py``):
-``linear`` and ``ntk`` take ``factor`` and vLLM multiplies max_position_embeddings by it; ``yarn`` does
-not, so static YaRN sets ``max_position_embeddings`` itself. vLLM's ``ntk`` is the fixed-NTK variant
-(base b*s, then inv_freq / s^(2/d)), not the paper's NTK-aware base b*s^(d/(d-2)) that the plugin's
-dynamic NTK uses per bucket; the two differ only slightly in the highest frequencies.
+``linear`` and ``ntk`` take ``factor`` and vLLM multiplies max_model_len by it; ``yarn`` does not, so
+static YaRN sets ``max_position_embeddings`` itself. vLLM's ``ntk`` is the fixed-NTK variant (base b*s,
+then inv_freq / s^(2/d)), not the paper's NTK-aware base b*s^(d/(d-2)) that the plugin's dynamic NTK uses
+per bucket; the two differ only slightly in the highest frequencies.
+
+The cos/sin table pitfall: vLLM builds a rotary table of ``max_position_embeddings`` rows (the model's
+8192) for plain RoPE and for ``ntk``, whatever max_model_len is; ``linear`` and ``yarn`` build ``rows x
+factor``. Raising max_model_len alone (``VLLM_ALLOW_LONG_MAX_MODEL_LEN=1`` for plain RoPE, or the factor
+for ``ntk``) therefore makes positions past 8192 index past the table. So plain RoPE past L runs on an
+engine whose ``max_position_embeddings`` covers the positions (:func:`plain_long`: the same plain RoPE
+rows, more of them), and ``ntk`` gets the same override; below L plain RoPE is the stock config.
 """
 
 from __future__ import annotations
@@ -65,7 +72,14 @@ def _config(name: str, overrides: dict[str, Any] | None, capacity: int) -> Engin
 
 
 def plain() -> EngineConfig:
+    """Stock plain RoPE: no overrides; serves up to L."""
     return _config("plain", None, L)
+
+
+def plain_long(positions: int = int(L * MAX_FACTOR)) -> EngineConfig:
+    """Plain RoPE with a rotary table of ``positions`` rows, so positions past L extrapolate plain RoPE
+    instead of reading past vLLM's 8192-row table."""
+    return _config(f"plain-{positions // 1024}k", {"max_position_embeddings": positions}, positions)
 
 
 def static_yarn(factor: float) -> EngineConfig:
@@ -83,8 +97,10 @@ def linear(factor: float) -> EngineConfig:
 
 
 def ntk(factor: float) -> EngineConfig:
+    """vLLM's ``ntk`` at ``factor``, its table sized to the L*factor positions it serves (see above)."""
     return _config(f"ntk-x{factor:g}", {"rope_parameters": {
-        "rope_type": "ntk", "rope_theta": ROPE_THETA, "factor": float(factor)}}, int(L * factor))
+        "rope_type": "ntk", "rope_theta": ROPE_THETA, "factor": float(factor)},
+        "max_position_embeddings": int(L * factor)}, int(L * factor))
 
 
 def plugin(rope_type: str, factor: float = MAX_FACTOR) -> EngineConfig:
@@ -115,7 +131,7 @@ def _fixed(factor: float) -> Callable[[int], float]:
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("unscaled", "unscaled (plain RoPE)", lambda n: plain(), _fixed(1.0)),
+    Method("unscaled", "unscaled (plain RoPE)", lambda n: plain() if n <= L else plain_long(), _fixed(1.0)),
     Method("yarn-x8", "static YaRN x8 (stock vLLM)", lambda n: static_yarn(8), _fixed(8.0)),
     Method("yarn-fit", "static YaRN, smallest factor that fits", lambda n: static_yarn(fitting_factor(n)),
            fitting_factor),

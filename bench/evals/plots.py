@@ -23,6 +23,22 @@ def _pyplot():
     return plt
 
 
+def _plain_numbers(axis) -> None:
+    from matplotlib.ticker import FuncFormatter
+
+    formatter = FuncFormatter(lambda v, _: f"{v:g}")
+    axis.set_major_formatter(formatter)
+    axis.set_minor_formatter(formatter)
+
+
+def _style(method: str) -> dict:
+    """Unscaled: a thick grey line underneath (others that equal it stay visible on top); the plugin's
+    methods solid; static methods dashed."""
+    if method == "unscaled":
+        return {"color": "0.55", "linewidth": 4, "alpha": 0.6, "linestyle": "-", "zorder": 1}
+    return {"linestyle": "-" if method.startswith("dynamic") else "--", "linewidth": 1.4, "zorder": 2}
+
+
 def _length_label(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
@@ -65,13 +81,16 @@ def perplexity_lines(table: Sequence[Mapping], methods: Sequence[str], path: Pat
     for method in methods:
         points = sorted((row["length"], row[value]) for row in table if row["method"] == method)
         if points:
-            style = "-" if method.startswith("dynamic") else "--"
-            ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", markersize=3,
-                    label=labels.get(method, method))
-    ax.axvline(original_context, color="grey", linewidth=0.8, linestyle=":")
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3,
+                    label=labels.get(method, method), **_style(method))
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    if lengths and lengths[0] <= original_context <= lengths[-1]:
+        ax.axvline(original_context, color="grey", linewidth=0.8, linestyle=":")
+        ax.text(original_context, 0.98, f" L = {original_context}", transform=ax.get_xaxis_transform(),
+                fontsize=7, va="top", color="grey")
     ax.set_xticks(lengths, [_length_label(n) for n in lengths])
+    _plain_numbers(ax.yaxis)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("perplexity")
     finite = [row[value] for row in table if row[value] < 1e4]
@@ -96,7 +115,7 @@ def short_context_lines(table: Sequence[Mapping], methods: Sequence[str], path: 
                         if row["method"] == method and row["delta_pct"] is not None)
         if points:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3,
-                    label=labels.get(method, method))
+                    label=labels.get(method, method), **_style(method))
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [_length_label(n) for n in lengths])

@@ -132,13 +132,16 @@ class _Progress:
 
 
 def run_cells(jobs: Sequence[tuple[CellStore, Sequence[Cell]]], *, model: str, dtype: str, seed: int = 0,
-              chunk_tokens: int = 500_000, engine: Callable | None = None, progress: bool = True,
-              retries: int = 1, log: Callable[[str], None] = print) -> RunReport:
+              chunk_tokens: int = 200_000, engine: Callable | None = None, progress: bool = True,
+              retries: int = 2, env: Mapping[str, str] | None = None,
+              log: Callable[[str], None] | None = None) -> RunReport:
     """Compute every pending cell of ``jobs`` and store its row; returns what ran. A failed engine run is
-    retried ``retries`` times (engines on a busy 2-core machine occasionally abort at start-up); if it
-    still fails, it is recorded, its engine's remaining cells stay pending and the other engines run."""
+    retried ``retries`` times (on a busy shared machine engines occasionally die: aborts, a dead engine core); if it
+    still fails, it is recorded, its engine's remaining cells stay pending and the other engines run.
+    ``env`` is added to every engine's environment (e.g. ``VLLM_CPU_OMP_THREADS_BIND``)."""
     if engine is None:
         from server.offline import run_offline as engine
+    log = log or _log_stderr
     report = RunReport(planned=sum(len(cells) for _, cells in jobs))
     report.already_done = sum(1 for store, cells in jobs for c in cells if store.done(c.key))
     groups = plan_groups(jobs)
@@ -152,12 +155,12 @@ def run_cells(jobs: Sequence[tuple[CellStore, Sequence[Cell]]], *, model: str, d
                 bar.engine(f"{config.name} {number}/{len(chunks)}")
                 for attempt in range(retries + 1):
                     run = _run_chunk(config, chunk, model=model, dtype=dtype, seed=seed, max_len=max_len,
-                                     engine=engine)
+                                     engine=engine, env=env or {})
                     report.engine_runs.append(run)
                     if not run.error:
                         break
                     if attempt < retries:
-                        log(f"engine {config.name} failed; retrying: {run.error.splitlines()[0]}")
+                        log(f"engine {config.name} failed after {run.wall_s:.0f} s; retrying:\n{run.error[-1500:]}")
                 bar.update(len(chunk))
                 if run.error:
                     log(f"engine {config.name} failed; its remaining cells stay pending:\n{run.error}")
@@ -170,9 +173,14 @@ def run_cells(jobs: Sequence[tuple[CellStore, Sequence[Cell]]], *, model: str, d
     return report
 
 
+def _log_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def _run_chunk(config: EngineConfig, chunk, *, model: str, dtype: str, seed: int, max_len: int,
-               engine: Callable) -> EngineRun:
+               engine: Callable, env: Mapping[str, str]) -> EngineRun:
     spec = config.spec(model, dtype=dtype, max_len=max_len, seed=seed)
+    spec = dataclasses.replace(spec, env={**spec.env, **env})
     requests = [cells[0][1].build() for _, cells in chunk]
     timeout = 3600 + 10 * sum(estimated_seconds(cells[0][1].context) for _, cells in chunk)
     started = time.perf_counter()

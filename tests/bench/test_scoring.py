@@ -1,0 +1,77 @@
+"""Pure aggregation: perplexity and digests, passkey accuracy and grids, the perplexity and short-context
+tables, Markdown."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench.evals import scoring
+
+
+def test_perplexity_values():
+    values = scoring.perplexity_values([-1.0, -2.0, -3.0])
+    assert values["scored_tokens"] == 3
+    assert values["nll_sum"] == 6.0
+    assert values["ppl"] == pytest.approx(math.exp(2.0))
+    assert values["logprobs_sha1"] == scoring.logprob_digest([-1.0, -2.0, -3.0])
+    assert values["logprobs_sha1"] != scoring.logprob_digest([-1.0, -2.0, -3.0000000000000004])
+    with pytest.raises(ValueError):
+        scoring.perplexity_values([])
+
+
+def passkey_row(method, length, depth, seed, passed, variant="paper"):
+    return {"method": method, "variant": variant, "length": str(length), "depth": str(depth),
+            "seed": str(seed), "passed": str(passed)}
+
+
+ROWS = [passkey_row("b", 8192, 0.2, 0, True), passkey_row("b", 8192, 0.2, 1, False),
+        passkey_row("b", 4096, 0.8, 0, True), passkey_row("a", 4096, 0.2, 0, False),
+        passkey_row("a", 4096, 0.2, 0, True, variant="prose")]
+
+
+def test_passkey_accuracy_keeps_the_method_order_and_sorts_lengths():
+    table = scoring.passkey_accuracy(ROWS, methods=["b", "a"])
+    assert [(r["method"], r["variant"], r["length"], r["passed"], r["cells"]) for r in table] == [
+        ("b", "paper", 4096, 1, 1), ("b", "paper", 8192, 1, 2), ("a", "paper", 4096, 0, 1), ("a", "prose", 4096, 1, 1)]
+    assert table[1]["accuracy"] == 0.5
+
+
+def test_passkey_grid_averages_seeds_and_marks_missing_cells():
+    lengths, depths, grid = scoring.passkey_grid(ROWS, "b", "paper")
+    assert lengths == [4096, 8192] and depths == [0.2, 0.8]
+    assert grid == [[None, 1.0], [0.5, None]]
+
+
+def test_perplexity_table_is_the_mean_of_per_document_perplexities():
+    rows = [{"method": "m", "book": "x", "length": "1024", "ppl": "10.0"},
+            {"method": "m", "book": "y", "length": "1024", "ppl": "20.0"},
+            {"method": "m", "book": "x", "length": "2048", "ppl": "8.0"}]
+    table = scoring.perplexity_table(rows)
+    assert table[0] == {"method": "m", "length": 1024, "documents": 2, "ppl_x": 10.0, "ppl_y": 20.0, "ppl": 15.0}
+    assert table[1]["ppl"] == 8.0 and table[1]["documents"] == 1
+
+
+def window(method, length, w, ppl, digest):
+    return {"method": method, "book": "x", "length": str(length), "window": str(w), "ppl": str(ppl),
+            "logprobs_sha1": digest}
+
+
+def test_short_context_table_compares_with_the_unscaled_model_window_by_window():
+    rows = [window("unscaled", 1024, 0, 10.0, "a"), window("unscaled", 1024, 1, 20.0, "b"),
+            window("plugin", 1024, 0, 10.0, "a"), window("plugin", 1024, 1, 20.0, "b"),
+            window("yarn", 1024, 0, 11.0, "c"), window("yarn", 1024, 1, 22.0, "d"),
+            window("yarn", 2048, 0, 9.0, "e")]
+    table = {(r["method"], r["length"]): r for r in scoring.short_context_table(rows, ["unscaled", "plugin", "yarn"])}
+    assert table[("plugin", 1024)]["delta_pct"] == 0.0 and table[("plugin", 1024)]["identical"] == 2
+    assert table[("yarn", 1024)]["delta_pct"] == pytest.approx(10.0)
+    assert table[("yarn", 1024)]["identical"] == 0 and table[("yarn", 1024)]["max_abs_delta_ppl"] == 2.0
+    assert table[("yarn", 2048)]["delta_pct"] is None  # no baseline at that length
+    assert table[("unscaled", 1024)]["identical"] == 2
+
+
+def test_markdown_and_pivot():
+    rows = [{"m": "a", "n": 1024, "v": 1.234}, {"m": "a", "n": 2048, "v": 2.0}, {"m": "b", "n": 1024, "v": None}]
+    text = scoring.pivot_markdown(rows, "m", "n", "v", fmt=".1f", labels={"a": "A"}, column_label=lambda n: f"{n}t")
+    assert text.splitlines() == ["| m | 1024t | 2048t |", "|---|---|---|", "| A | 1.2 | 2.0 |", "| b | – | – |"]
