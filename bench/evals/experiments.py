@@ -89,6 +89,7 @@ class Corpus:
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.bos = self.tokenizer.bos_token_id
+        self.passkey_prompts: dict[tuple, array.array] = {}
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
@@ -134,15 +135,15 @@ class Passkey(Experiment):
     key_fields = ("method", "variant", "length", "depth", "seed", "dtype")
     value_fields = ("engine", "scale", "prompt_tokens", "key", "answer", "passed", "output", "seconds")
 
-    def __init__(self) -> None:
-        self._prompts: dict[tuple, tuple[array.array, int]] = {}
-
-    def _prompt(self, corpus: Corpus, variant: str, length: int, depth: float, seed: int) -> list[int]:
+    @staticmethod
+    def _prompt(corpus: Corpus, variant: str, length: int, depth: float, seed: int) -> list[int]:
+        # Cached on the corpus, never on this module-level instance: prompts are token ids of one tokenizer.
+        cache = corpus.passkey_prompts
         input_id = (variant, length, depth, seed)
-        if input_id not in self._prompts:
-            ids, key = passkey_prompt(variant, length, depth, seed, corpus.encode, corpus.book_tokens)
-            self._prompts[input_id] = (array.array("i", ids), key)
-        return list(self._prompts[input_id][0])
+        if input_id not in cache:
+            ids, _ = passkey_prompt(variant, length, depth, seed, corpus.encode, corpus.book_tokens)
+            cache[input_id] = array.array("i", ids)
+        return list(cache[input_id])
 
     def cells(self, grid: Grid, corpus: Corpus, *, dtype: str, seed: int) -> list[Cell]:
         from server.offline import Request

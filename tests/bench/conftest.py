@@ -16,6 +16,9 @@ class FakeCorpus:
 
     bos = 1
 
+    def __init__(self) -> None:
+        self.passkey_prompts: dict[tuple, array.array] = {}
+
     def encode(self, text: str) -> list[int]:
         return [ord(c) for c in text]
 
