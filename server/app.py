@@ -38,6 +38,7 @@ from server.passkey_check import ROUTE as PASSKEY_ROUTE
 from server.passkey_check import PasskeyChecker
 from server.schemas import ChatCompletionRequest, CompletionRequest
 from server.settings import GatewaySettings
+from server.tokens import LocalTokenCounter
 from server.upstreams import EnginePool
 
 logger = logging.getLogger(__name__)
@@ -54,9 +55,10 @@ def create_app(settings: GatewaySettings, *, engine_pool: EnginePool | None = No
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        counter = await LocalTokenCounter.load(settings.tokenizer) if settings.tokenizer else None
         pool = engine_pool or EnginePool.from_settings(settings)
         metrics.watch(pool)
-        generation = Generation(pool, scaling, settings.served_model_name, metrics)
+        generation = Generation(pool, scaling, settings.served_model_name, metrics, counter)
         app.state.settings = settings
         app.state.pool = pool
         app.state.metrics = metrics
@@ -71,6 +73,8 @@ def create_app(settings: GatewaySettings, *, engine_pool: EnginePool | None = No
             yield
         finally:
             await pool.close()
+            if counter is not None:
+                counter.close()
 
     app = FastAPI(title="ropeserve gateway", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible gateway to vLLM engines with per-request RoPE scaling.")

@@ -110,6 +110,8 @@ async def serve(settings: GatewaySettings, *, engine_factory: EngineFactory = em
             pool = None
             if engine is not None:
                 pool = EnginePool.from_settings(settings, urls=[engine.url])
+                if settings.tokenizer is None and engine.model_dir is not None:
+                    settings = settings.model_copy(update={"tokenizer": str(engine.model_dir)})
             app = create_app(settings, engine_pool=pool)
             config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                                     log_level=settings.log_level,

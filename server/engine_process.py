@@ -108,14 +108,16 @@ def free_port(host: str = HOST) -> int:
 
 
 class EngineProcess:
-    """Runs ``command`` (a server answering ``GET {url}{health_path}``) in its own process group."""
+    """Runs ``command`` (a server answering ``GET {url}{health_path}``) in its own process group;
+    ``model_dir`` is the model it serves, when it is a local directory (the gateway loads its tokenizer)."""
 
     def __init__(self, command: list[str], *, url: str, env: dict[str, str] | None = None,
                  start_timeout_s: float = 600.0, stop_timeout_s: float = 15.0, max_restarts: int = 5,
-                 restart_backoff_s: float = 2.0, poll_interval_s: float = 0.5, health_path: str = "/health"
-                 ) -> None:
+                 restart_backoff_s: float = 2.0, poll_interval_s: float = 0.5, health_path: str = "/health",
+                 model_dir: Path | None = None) -> None:
         self.command = command
         self.url = url
+        self.model_dir = model_dir
         self.health_path = health_path
         self.env = env
         self.start_timeout_s = start_timeout_s
@@ -264,4 +266,5 @@ async def embedded_engine(settings: GatewaySettings) -> EngineProcess:
         stop_timeout_s=settings.engine_stop_timeout_s,
         max_restarts=settings.engine_max_restarts,
         restart_backoff_s=settings.engine_restart_backoff_s,
+        model_dir=model_dir,
     )

@@ -1,7 +1,8 @@
 """The OpenAI generation routes' work: count the prompt, admit, forward to an engine, relay the answer.
 
-For every request: the prompt's tokens are counted by an engine's ``/tokenize`` (which applies the chat
-template for chat), :func:`server.admission.admit` refuses what cannot fit and chooses the RoPE factor, and
+For every request: the prompt's tokens are counted with the served model's tokenizer in the gateway when it
+has one (:class:`server.tokens.LocalTokenCounter`: completion texts and plain chats), otherwise by an
+engine's ``/tokenize`` (which applies the chat template for chat); :func:`server.admission.admit` refuses what cannot fit and chooses the RoPE factor, and
 the request goes to the least-loaded healthy engine with ``vllm_xargs.rope_factor`` set to that factor
 (every other field as the client sent it). Non-streaming answers are returned as the engine wrote them;
 streams are relayed chunk by chunk as they arrive, and closing the client connection closes the engine's
@@ -32,6 +33,7 @@ from server.admission import Admission, admit, resolve_override
 from server.errors import ClientClosedRequest, EngineError, GatewayError, ModelNotFound, envelope, error_response
 from server.metrics import GatewayMetrics
 from server.schemas import ChatCompletionRequest, CompletionRequest
+from server.tokens import LocalTokenCounter
 from server.upstreams import EnginePool, Lease
 
 logger = logging.getLogger(__name__)
@@ -47,11 +49,13 @@ def format_factor(factor: float) -> str:
 
 
 class Generation:
-    def __init__(self, pool: EnginePool, scaling: RopeScaling, model: str, metrics: GatewayMetrics) -> None:
+    def __init__(self, pool: EnginePool, scaling: RopeScaling, model: str, metrics: GatewayMetrics,
+                 counter: LocalTokenCounter | None = None) -> None:
         self.pool = pool
         self.scaling = scaling
         self.model = model
         self.metrics = metrics
+        self.counter = counter
 
     def resolve_model(self, requested: str | None) -> str:
         if requested is None or requested == self.model:
@@ -59,9 +63,11 @@ class Generation:
         raise ModelNotFound(f"The model `{requested}` does not exist. This gateway serves `{self.model}`.",
                             param="model")
 
-    # --- token counting through the engine --------------------------------------------------------------
+    # --- token counting: the local tokenizer, or the engine's /tokenize ---------------------------------
 
     async def count_text(self, text: str, *, add_special_tokens: bool = True) -> int:
+        if self.counter is not None:
+            return await self.counter.count_text(text, add_special_tokens=add_special_tokens)
         result = await self.pool.post_json(
             "/tokenize", {"model": self.model, "prompt": text, "add_special_tokens": add_special_tokens})
         return int(result["count"])
@@ -69,6 +75,8 @@ class Generation:
     async def count_prompt(self, request: CompletionRequest | ChatCompletionRequest) -> int:
         """Tokens of the longest prompt of the request (a batch of prompts shares one factor)."""
         if isinstance(request, ChatCompletionRequest):
+            if self.counter is not None and (count := await self.counter.count_chat(request)) is not None:
+                return count
             result = await self.pool.post_json("/tokenize", request.tokenize_body(self.model))
             return int(result["count"])
         prompt = request.prompt

@@ -11,8 +11,8 @@ and ``key = randint(1, 50000)``. Everything
 random comes from ``random.Random(seed)``: the same (target, seed, depth) gives the same prompt with the same
 tokenizer. The haystack length is searched (secant steps, then bisection, then a few neighbours) until the
 whole prompt has the target token count, or is within ``tolerance`` (1 %) of it. The caller supplies
-the token counting, sync or async, so the gateway (through the engine's /tokenize), the client and the
-benchmarks share this one builder::
+the token counting, sync or async, so the gateway (its own tokenizer or the engine's /tokenize), the
+client and the benchmarks share this one builder::
 
     prompt = build_passkey_prompt(4096, lambda text: len(tokenizer.encode(text)), seed=3)
     prompt = await abuild_passkey_prompt(4096, count_via_engine, seed=3, depth=0.5)

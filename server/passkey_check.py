@@ -1,11 +1,12 @@
 """The passkey self-check behind ``GET /healthz/passkey?len=N[&depth=D][&seed=S]``.
 
 Builds the paper's passkey prompt of N tokens (within 1 %) with :mod:`server.passkey`, counting tokens with
-the served model's tokenizer through an engine's ``/tokenize``; admits it like any request (same factor
-policy, same context check); runs it greedily for :data:`server.passkey.MAX_NEW_TOKENS` tokens through
-``/v1/completions``; and scores the first integer of the answer against the key. One run at a time (a
-concurrent call gets :class:`~server.errors.PasskeyBusy`, 429 with Retry-After); a result for the same
-(len, depth, seed) is served again from a short cache, marked ``"cached": true``::
+the served model's tokenizer (:meth:`Generation.count_text`: the gateway's own, or an engine's
+``/tokenize``); admits it like any request (same factor policy, same context check); runs it greedily for
+:data:`server.passkey.MAX_NEW_TOKENS` tokens through ``/v1/completions``; and scores the first integer of
+the answer against the key. One run at a time (a concurrent call gets :class:`~server.errors.PasskeyBusy`,
+429 with Retry-After); a result for the same (len, depth, seed) is served again from a short cache,
+marked ``"cached": true``::
 
     checker = PasskeyChecker(generation, metrics, cache_ttl_s=30)
     params = checker.parse(len="4096", depth=None, seed=None)     # InvalidRequest on bad input

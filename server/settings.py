@@ -65,6 +65,12 @@ class GatewaySettings(BaseSettings):
         MODEL_NAME, min_length=1, description="The model name clients send and /v1/models lists; the "
         "engines must serve it under this name (`--served-model-name`).")
 
+    tokenizer: str | None = Field(
+        None, description="Tokenizer the gateway counts prompts with (a model directory, or a hub name where "
+        "the hub is reachable), so that choosing a request's factor needs no round trip to an engine; it must "
+        "be the engines' tokenizer and chat template. Default: the embedded engine's model directory in "
+        "embedded mode; with engine_urls, none (prompts are counted by an engine's /tokenize).")
+
     # --- engines ---------------------------------------------------------------------------------------
     engine_urls: CommaList = Field(
         default_factory=list, description="Base URLs of running vLLM engines with the rope plugin "

@@ -147,3 +147,38 @@ def test_a_key_is_required(gateway):
     assert response.status_code == 401
     assert response.json()["error"]["message"]
     assert httpx.get(f"{gateway.url}/healthz", timeout=30).status_code == 200
+
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Count: 1 2 3 ... é 日本 🙂"}],
+]
+TEXTS = ["The capital of France is", "  two leading spaces\n\ttab", "é ü 日本語 🙂", "<|im_start|>user\nhi<|im_end|>"]
+
+
+def test_the_gateways_token_counts_equal_the_engines_tokenize(gateway, model_dir, book_tokens, tokenizer):
+    """The gateway counts prompts with its own tokenizer (embedded mode); the engine's /tokenize is the oracle."""
+    import asyncio
+
+    from server.schemas import ChatCompletionRequest
+    from server.tokens import LocalTokenCounter
+
+    book = tokenizer.decode(book_tokens[:3000])
+
+    async def local() -> tuple[list[int], list[int]]:
+        counter = await LocalTokenCounter.load(model_dir)
+        try:
+            texts = [await counter.count_text(t, add_special_tokens=s) for t in [*TEXTS, book] for s in (True, False)]
+            chats = [await counter.count_chat(ChatCompletionRequest(model=MODEL, messages=m)) for m in CHATS]
+            return texts, chats
+        finally:
+            counter.close()
+
+    texts, chats = asyncio.run(local())
+    with httpx.Client(base_url=gateway.engine_url, timeout=60) as engine:
+        def count(body: dict) -> int:
+            return engine.post("/tokenize", json={"model": MODEL, **body}).raise_for_status().json()["count"]
+
+        assert texts == [count({"prompt": t, "add_special_tokens": s}) for t in [*TEXTS, book] for s in (True, False)]
+        assert chats == [count({"messages": m, "add_generation_prompt": True}) for m in CHATS]
