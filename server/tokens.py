@@ -6,8 +6,12 @@ engine). Text prompts of ``/v1/completions`` are counted as vLLM counts them: ``
 add_special_tokens=...)``. A chat request is counted here only in the shape vLLM renders without any
 processing of its own: every message a ``system``, ``user`` or ``assistant`` role with string content and
 no other field, and no tools or chat-template options; :meth:`LocalTokenCounter.count_chat` returns None
-for anything else, and the gateway asks the engine. The tokenizer is not safe to call from several threads
-at once, so every call runs on one worker thread of its own, off the event loop::
+for anything else, and the gateway asks the engine.
+
+Short prompts (up to :data:`INLINE_CHARS` characters, a fraction of a millisecond) are counted on the event
+loop, where handing them to a thread would cost more than counting them; longer ones run on one worker
+thread, off the loop. A tokenizer is not safe to call from two threads at once, so each side has its own
+instance::
 
     counter = await LocalTokenCounter.load("/models/SmolLM2-135M-Instruct")
     await counter.count_text("The capital of France is", add_special_tokens=True)   # 5
@@ -17,11 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from server.schemas import ChatCompletionRequest
 
+INLINE_CHARS = 2048
 PLAIN_ROLES = frozenset({"system", "user", "assistant"})
 PLAIN_MESSAGE_FIELDS = frozenset({"role", "content"})
 
@@ -37,8 +43,10 @@ def is_plain_chat(request: ChatCompletionRequest) -> bool:
 
 
 class LocalTokenCounter:
-    def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
+    def __init__(self, inline: Any, threaded: Any) -> None:
+        """``inline`` and ``threaded``: two instances of the same tokenizer, for the loop and the worker."""
+        self._inline = inline
+        self._threaded = threaded
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ropeserve-tokenizer")
 
     @classmethod
@@ -46,23 +54,28 @@ class LocalTokenCounter:
         """The tokenizer of ``source`` (a model directory, or a hub name where the hub is reachable)."""
         from transformers import AutoTokenizer
 
-        return cls(await asyncio.to_thread(AutoTokenizer.from_pretrained, source))
+        inline, threaded = [await asyncio.to_thread(AutoTokenizer.from_pretrained, source) for _ in range(2)]
+        return cls(inline, threaded)
 
-    async def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._worker, functools.partial(fn, *args, **kwargs))
+    async def _run(self, chars: int, fn: Callable[[Any], int]) -> int:
+        if chars <= INLINE_CHARS:
+            return fn(self._inline)
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, self._threaded)
 
     async def count_text(self, text: str, *, add_special_tokens: bool) -> int:
-        return len(await self._run(self._tokenizer.encode, text, add_special_tokens=add_special_tokens))
+        return await self._run(len(text), lambda tok: len(tok.encode(text, add_special_tokens=add_special_tokens)))
 
     async def count_chat(self, request: ChatCompletionRequest) -> int | None:
         """Tokens of the prompt the chat template makes of ``request``; None when it is not a plain chat."""
         if not is_plain_chat(request):
             return None
-        return await self._run(self._count_chat, request.messages)
-
-    def _count_chat(self, messages: list[dict[str, str]]) -> int:
-        prompt = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return len(self._tokenizer.encode(prompt, add_special_tokens=False))
+        chars = sum(len(message["content"]) for message in request.messages)
+        return await self._run(chars, functools.partial(_count_chat, request.messages))
 
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
+
+
+def _count_chat(messages: list[dict[str, str]], tokenizer: Any) -> int:
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return len(tokenizer.encode(prompt, add_special_tokens=False))

@@ -74,7 +74,7 @@ async def test_chat_count_is_the_rendered_template(counter, tokenizer) -> None:
 async def test_concurrent_counts_are_serialised_and_right(counter, tokenizer) -> None:
     import asyncio
 
-    texts = [f"{i} " * (50 + i) for i in range(40)]
+    texts = [f"{i} " * (50 + 40 * i) for i in range(40)]  # short ones inline, long ones on the worker
     counts = await asyncio.gather(*(counter.count_text(t, add_special_tokens=True) for t in texts))
     assert counts == [len(tokenizer.encode(t)) for t in texts]
 
