@@ -59,8 +59,8 @@ def read_rope_theta(model_dir: Path) -> float:
 
 def hf_overrides(scaling: RopeScaling, rope_theta: float) -> dict[str, Any]:
     """The engine's ``--hf-overrides``: our ``rope_parameters`` and the served context. The policy keys
-    (buckets, generation reserve, fine-tuned factor) are written only when they differ from rope_ext's
-    defaults, so the engine rounds a factor to the same buckets as the gateway."""
+    (buckets, generation reserve, fine-tuned factor, growth) are written only when they differ from
+    rope_ext's defaults, so the engine rounds a factor to the same buckets as the gateway."""
     params: dict[str, Any] = {
         "rope_type": scaling.method,
         "rope_theta": float(rope_theta),
@@ -73,6 +73,8 @@ def hf_overrides(scaling: RopeScaling, rope_theta: float) -> dict[str, Any]:
         params["generation_reserve"] = scaling.generation_reserve
     if scaling.finetuned_factor != 1:
         params["finetuned_factor"] = float(scaling.finetuned_factor)
+    if scaling.growth != "reserve":
+        params["growth"] = scaling.growth
     return {"rope_parameters": params, "max_position_embeddings": scaling.max_context}
 
 

@@ -62,9 +62,12 @@ def test_command_follows_the_settings() -> None:
 def test_overrides_read_back_as_the_same_scaling() -> None:
     from rope_ext import RopeScaling
 
-    settings = GatewaySettings(rope_buckets="1,3,8", rope_finetuned_factor=3, rope_generation_reserve=64)
-    overrides = hf_overrides(settings.rope_scaling(), 1e5)
-    assert RopeScaling.from_rope_parameters(overrides["rope_parameters"]) == settings.rope_scaling()
+    for growth in ("reserve", "grow"):
+        settings = GatewaySettings(rope_buckets="1,3,8", rope_finetuned_factor=3, rope_generation_reserve=64,
+                                   rope_growth=growth)
+        overrides = hf_overrides(settings.rope_scaling(), 1e5)
+        assert RopeScaling.from_rope_parameters(overrides["rope_parameters"]) == settings.rope_scaling()
+        assert overrides["rope_parameters"].get("growth", "reserve") == growth
 
 
 def test_rope_theta_from_the_model_config(tmp_path: Path) -> None:
