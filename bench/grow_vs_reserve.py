@@ -97,16 +97,22 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout-s", type=float, default=3600)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "grow_vs_reserve.json")
+    parser.add_argument("--dry-run", action="store_true", help="print the workload and each request's factors")
     args = parser.parse_args()
     if args.model is None:
         from server.default_model import prepare
 
         args.model = str(prepare())
     plan = workload(book_tokens(args.model), args)
-    reserve_scaling = RopeScaling(method="dynamic_yarn", original_max_position=L, max_factor=BUCKETS[-1])
+    scaling = {growth: RopeScaling(method="dynamic_yarn", original_max_position=L, max_factor=BUCKETS[-1],
+                                   buckets=BUCKETS, growth=growth) for growth in ("reserve", "grow")}
     for p in plan:
-        p["reserve_factor"] = choose_factor(p["prompt_len"] + p["new_tokens"], reserve_scaling)
-        p["grow_start_factor"] = choose_factor(p["prompt_len"], reserve_scaling)
+        p["reserve_factor"] = choose_factor(p["prompt_len"], p["new_tokens"], scaling["reserve"])
+        p["grow_start_factor"] = choose_factor(p["prompt_len"], p["new_tokens"], scaling["grow"])
+    if args.dry_run:
+        for p in plan:
+            print({k: v for k, v in p.items() if k != "prompt"})
+        return
     runs = [run(args.model, growth, plan, args) for growth in ("reserve", "grow")]
     reserve, grow = runs
     regrown = [i for i, p in enumerate(plan) if p["grow_start_factor"] < p["reserve_factor"]]
