@@ -69,6 +69,14 @@ def workload(tokens: list[int], args: argparse.Namespace) -> list[dict[str, Any]
     return plan
 
 
+def with_factors(plan: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each request of ``plan`` with the factor it runs at under "reserve" and starts at under "grow"."""
+    scaling = {growth: RopeScaling(method="dynamic_yarn", original_max_position=L, max_factor=BUCKETS[-1],
+                                   buckets=BUCKETS, growth=growth) for growth in ("reserve", "grow")}
+    return [{**p, "reserve_factor": choose_factor(p["prompt_len"], p["new_tokens"], scaling["reserve"]),
+             "grow_start_factor": choose_factor(p["prompt_len"], p["new_tokens"], scaling["grow"])} for p in plan]
+
+
 def run(model_dir: str, growth: str, plan: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     spec = EngineSpec(model=model_dir, dtype=args.dtype, max_model_len=int(L * BUCKETS[-1]),
                       hf_overrides=overrides(growth), kv_cache_gib=args.kv_cache_gib,
@@ -103,12 +111,7 @@ def main() -> None:
         from server.default_model import prepare
 
         args.model = str(prepare())
-    plan = workload(book_tokens(args.model), args)
-    scaling = {growth: RopeScaling(method="dynamic_yarn", original_max_position=L, max_factor=BUCKETS[-1],
-                                   buckets=BUCKETS, growth=growth) for growth in ("reserve", "grow")}
-    for p in plan:
-        p["reserve_factor"] = choose_factor(p["prompt_len"], p["new_tokens"], scaling["reserve"])
-        p["grow_start_factor"] = choose_factor(p["prompt_len"], p["new_tokens"], scaling["grow"])
+    plan = with_factors(workload(book_tokens(args.model), args))
     if args.dry_run:
         for p in plan:
             print({k: v for k, v in p.items() if k != "prompt"})
