@@ -5,6 +5,8 @@ That the local counts equal the engine's ``/tokenize`` is checked on the real en
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from server.schemas import ChatCompletionRequest
@@ -107,3 +109,36 @@ async def test_a_missing_tokenizer_fails_the_start(tmp_path) -> None:
     with pytest.raises(OSError):
         async with gateway([FakeEngine()], tokenizer=str(tmp_path / "no-such-model")):
             pass
+
+
+STRING_TEMPLATE = "{% for message in messages %}<{{ message['role'] }}>{{ message['content'] }}{% endfor %}"
+
+
+@pytest.mark.parametrize(("template", "string"), [
+    (STRING_TEMPLATE, True),
+    ("{% for m in messages %}{% for part in m['content'] %}{{ part['text'] }}{% endfor %}{% endfor %}", False),
+    ("{% for m in messages %}{% for part in m.content %}{{ part.text }}{% endfor %}{% endfor %}", False),
+    ("{% for m in messages %}{% set content = m.content %}{% for p in content %}{{ p }}{% endfor %}{% endfor %}",
+     False),
+    ("{% macro render(c) %}{% for p in c %}{{ p }}{% endfor %}{% endmacro %}"
+     "{% for m in messages %}{{ render(m.content) }}{% endfor %}", False),
+    ("{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}", False),
+    (None, False),
+], ids=["string", "item-loop", "attr-loop", "name-loop", "macro-loop", "unknown-tag", "no-template"])
+def test_templates_vllm_gives_parts_are_left_to_the_engine(template, string: bool) -> None:
+    from server.tokens import renders_content_as_string
+
+    assert renders_content_as_string(template) is string
+
+
+async def test_the_default_models_template_is_counted_here_and_a_parts_template_is_not(tokenizer) -> None:
+    from server.tokens import renders_content_as_string
+
+    assert renders_content_as_string(tokenizer.chat_template)
+    parts = copy.copy(tokenizer)
+    parts.chat_template = "{% for m in messages %}{% for p in m.content %}{{ p.text }}{% endfor %}{% endfor %}"
+    counter = LocalTokenCounter(parts, parts)
+    try:
+        assert await counter.count_chat(chat()) is None
+    finally:
+        counter.close()
