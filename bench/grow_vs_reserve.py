@@ -1,11 +1,11 @@
-"""Benchmark: end-to-end throughput of growth ("grow": a request starts at the bucket of its prompt and its
+"""Benchmark: end-to-end throughput of growth ("rerotate": a request starts at the bucket of its prompt and its
 cached keys are re-rotated when it outgrows it) against the default ("reserve": the bucket is chosen for
 prompt + max_tokens up front), on one mixed workload, with the same engine settings otherwise.
 
 The workload (token windows of a novel from shared/data/books, greedy, all submitted at once): short
 requests that stay in bucket 1 either way, and boundary requests whose prompt fits L but whose prompt +
 max_tokens does not. Under "reserve" the boundary requests run at factor 2 from their first token; under
-"grow" they run at factor 1 (exactly the unscaled model) until they reach L tokens, then every layer's
+"rerotate" they run at factor 1 (exactly the unscaled model) until they reach L tokens, then every layer's
 cached keys are re-rotated to factor 2 and decoding goes on. RoPE's scale does not change the arithmetic of
 a step, so the difference in throughput is the price of the re-rotations (and of growable requests not
 sharing prefix-cache blocks); what growth buys is quality: the tokens before L are computed at scale 1.
@@ -70,11 +70,11 @@ def workload(tokens: list[int], args: argparse.Namespace) -> list[dict[str, Any]
 
 
 def with_factors(plan: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each request of ``plan`` with the factor it runs at under "reserve" and starts at under "grow"."""
+    """Each request of ``plan`` with the factor it runs at under "reserve" and starts at under "rerotate"."""
     scaling = {growth: RopeScaling(method="dynamic_yarn", original_max_position=L, max_factor=BUCKETS[-1],
-                                   buckets=BUCKETS, growth=growth) for growth in ("reserve", "grow")}
+                                   buckets=BUCKETS, growth=growth) for growth in ("reserve", "rerotate")}
     return [{**p, "reserve_factor": choose_factor(p["prompt_len"], p["new_tokens"], scaling["reserve"]),
-             "grow_start_factor": choose_factor(p["prompt_len"], p["new_tokens"], scaling["grow"])} for p in plan]
+             "grow_start_factor": choose_factor(p["prompt_len"], p["new_tokens"], scaling["rerotate"])} for p in plan]
 
 
 def run(model_dir: str, growth: str, plan: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
@@ -116,7 +116,7 @@ def main() -> None:
         for p in plan:
             print({k: v for k, v in p.items() if k != "prompt"})
         return
-    runs = [run(args.model, growth, plan, args) for growth in ("reserve", "grow")]
+    runs = [run(args.model, growth, plan, args) for growth in ("reserve", "rerotate")]
     reserve, grow = runs
     regrown = [i for i, p in enumerate(plan) if p["grow_start_factor"] < p["reserve_factor"]]
     print(f"workload: {args.short} short + {args.boundary} boundary requests, {args.dtype}; "

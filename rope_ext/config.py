@@ -17,7 +17,7 @@ from typing import Any
 from rope_ext.errors import RopeConfigError
 
 DEFAULT_GENERATION_RESERVE = 512
-GROWTH_MODES = ("reserve", "grow")
+GROWTH_MODES = ("reserve", "recompute", "rerotate")
 
 
 def _check_finite(field: str, value: float | None, *, optional: bool = False) -> None:
@@ -76,10 +76,12 @@ class RopeScaling:
     ``floor(L * max_factor)``. ``buckets`` are the scales a request may run at (default: powers of two
     up to ``max_factor``). ``generation_reserve`` is the room assumed for generation when a request does
     not say its ``max_tokens``. ``finetuned_factor`` is the factor a model was fine-tuned at with YaRN:
-    no request runs below it. ``growth`` says how a request's generation is provided for: ``"reserve"``
-    (default) sizes its bucket for prompt plus generation up front and keeps it; ``"grow"`` admits it at
-    the smallest bucket that fits its prompt and moves it to the next bucket, re-rotating its cached
-    keys (``rope_ext.rerotate``), when it outgrows one. The rest are the paper's and transformers' knobs.
+    no request runs below it. ``headroom`` (>= 1) sizes buckets past L for ``headroom`` times the length.
+    ``growth`` says how a request's generation is provided for: ``"reserve"`` (default) sizes its bucket
+    for prompt plus generation up front and keeps it; ``"recompute"`` and ``"rerotate"`` admit it at the
+    bucket of its prompt and move it to the bucket its length needs when it outgrows one (its cached
+    tokens recomputed at the new scale, or its cached keys re-rotated, ``rope_ext.rerotate``). See
+    :mod:`rope_ext.policy`. The rest are the paper's and transformers' knobs.
     """
 
     method: str = "dynamic_yarn"
@@ -97,6 +99,7 @@ class RopeScaling:
     attention_factor: float | None = None
     truncate: bool = True
     growth: str = "reserve"
+    headroom: float = 1.0
 
     def __post_init__(self) -> None:
         from rope_ext.methods import METHODS  # local: methods imports this module
@@ -109,7 +112,7 @@ class RopeScaling:
         if isinstance(L, bool) or not isinstance(L, int) or L <= 0:
             raise RopeConfigError("original_max_position", f"must be an integer > 0 (got {L!r})")
         for name in ("max_factor", "finetuned_factor", "beta_fast", "beta_slow", "extrapolation_factor",
-                     "attn_factor"):
+                     "attn_factor", "headroom"):
             _check_finite(name, getattr(self, name))
         for name in ("mscale", "mscale_all_dim", "attention_factor"):
             _check_finite(name, getattr(self, name), optional=True)
@@ -120,6 +123,8 @@ class RopeScaling:
                 "finetuned_factor",
                 f"must be in [1, max_factor={self.max_factor}] (got {self.finetuned_factor})",
             )
+        if self.headroom < 1:
+            raise RopeConfigError("headroom", f"must be >= 1 (got {self.headroom})")
         if self.beta_fast <= self.beta_slow:
             raise RopeConfigError(
                 "beta_fast", f"must be > beta_slow={self.beta_slow} (got {self.beta_fast})"
@@ -166,7 +171,8 @@ class RopeScaling:
 
         ``rope_type`` is the method; ``factor`` the maximum factor; ``original_max_position_embeddings``
         is L (falling back to ``max_position_embeddings``). Our keys: ``buckets``,
-        ``generation_reserve``, ``finetuned_factor``, ``extrapolation_factor``, ``attn_factor``, ``growth``.
+        ``generation_reserve``, ``finetuned_factor``, ``extrapolation_factor``, ``attn_factor``, ``growth``,
+        ``headroom``.
         """
         L = params.get("original_max_position_embeddings", max_position_embeddings)
         if L is None:
@@ -178,7 +184,7 @@ class RopeScaling:
         }
         for key in ("generation_reserve", "finetuned_factor", "beta_fast", "beta_slow",
                     "extrapolation_factor", "attn_factor", "mscale", "mscale_all_dim",
-                    "attention_factor", "truncate", "growth"):
+                    "attention_factor", "truncate", "growth", "headroom"):
             if params.get(key) is not None:
                 kwargs[key] = params[key]
         if params.get("buckets") is not None:

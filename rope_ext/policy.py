@@ -1,22 +1,30 @@
-"""The per-request scale policy: from a request to the scale (bucket) it runs at, decided once.
+"""The per-request scale policy: which bucket a request runs at, when it starts and as it grows.
 
-The rule, for a model with original context L and buckets ``1 = s_0 < s_1 < ... < s_n = max_factor``:
+This module is the one place that decides a request's RoPE scale; the engine plugin, the gateway and
+the benchmarks all call it. For a model with original context L and buckets
+``1 = s_0 < s_1 < ... < s_n = max_factor``:
 
-1. A request's *planned length* is its prompt tokens plus its ``max_tokens`` when the client set it,
-   or plus the engine's ``generation_reserve`` when it did not (vLLM fills a missing ``max_tokens``
-   with the whole remaining context; that must not make a short request "long").
-2. The needed scale is ``planned / L``; a planned length ``<= L`` needs scale 1, which is exactly plain
-   RoPE with attention scaling 1, identical to the unscaled model.
-3. A per-request override (a factor in ``[1, max_factor]``) replaces the needed scale.
-4. The scale is never below the fine-tuned floor (``finetuned_factor``).
-5. The request runs at the smallest bucket at or above that scale (the largest bucket if none is).
+1. A length of ``n`` tokens *needs* the smallest bucket whose capacity ``floor(L * s)`` holds it
+   (:func:`bucket_for_length`); ``n <= L`` needs scale 1, exactly plain RoPE with attention scaling 1,
+   identical to the unscaled model. With ``headroom`` h > 1, a length past L needs the bucket that holds
+   ``ceil(h * n)`` instead (room to spare at the top of a bucket); lengths at or below L are unaffected.
+2. The bucket is never below the fine-tuned floor (``finetuned_factor``).
+3. At admission (:func:`choose_factor`) the length is the request's *planned length*: under
+   ``growth="reserve"`` its prompt plus ``max_tokens`` when the client set it, or plus the
+   ``generation_reserve`` when it did not (vLLM fills a missing ``max_tokens`` with the whole remaining
+   context; that must not make a short request "long"). Under the growth modes (``"recompute"``,
+   ``"rerotate"``) it is the prompt alone: the scale follows the length, as in the paper's Dynamic
+   Scaling.
+4. Under a growth mode, a request about to compute a token past its bucket's capacity moves to the
+   bucket its new length needs (:func:`grown_factor`); how its cached tokens follow is the engine's
+   mechanism (a recompute at the new scale, or re-rotated keys). Under ``"reserve"`` the factor never
+   changes during the request's life.
+5. A per-request override (a factor in ``[1, max_factor]``, rounded up to a bucket, never below the
+   floor) replaces all of the above and pins the request to that bucket for its whole life: the client
+   chose its scale (past that bucket's capacity its tokens extrapolate, and the engine counts it).
 
-The result depends on nothing but the request and the settings, so the gateway and the engine compute
-the same scale for the same request. Under ``growth="reserve"`` (the default) it never changes during the
-request's life. Under ``growth="grow"`` the planned length in rule 1 is the prompt alone (the smallest
-bucket that fits the prompt), and a request that may generate past that bucket's capacity
-(:func:`may_outgrow`) moves, when it does, to :func:`bucket_for_length` of its new length, its cached
-keys re-rotated (``rope_ext.rerotate``).
+The result depends on nothing but the request and the settings: the same request gets the same scale
+wherever the policy runs.
 """
 
 from __future__ import annotations
@@ -56,35 +64,50 @@ def planned_length(prompt_tokens: int, max_tokens: int | None, scaling: RopeScal
     return prompt_tokens + (scaling.generation_reserve if max_tokens is None else max_tokens)
 
 
+def bucket_for_length(length: int, scaling: RopeScaling, *, at_least: float = 1.0) -> float:
+    """The smallest bucket ``>= at_least`` (and the fine-tuned floor) that holds ``length`` tokens, with
+    the headroom past L (rule 1); the largest bucket when none does."""
+    if length > scaling.original_max_position and scaling.headroom > 1:
+        length = math.ceil(scaling.headroom * length)
+    floor = max(at_least, scaling.finetuned_factor)
+    # "capacity(bucket) >= length" rather than "bucket >= length / L": the rounded division could pick a
+    # bucket one token too small (L=1285, bucket 1.4: 1799 / 1285 rounds to 1.4, but capacity is 1798).
+    for bucket in scaling.buckets:
+        if bucket >= floor and scaling.capacity(bucket) >= length:
+            return bucket
+    return scaling.buckets[-1]
+
+
 def choose_factor(prompt_tokens: int, max_tokens: int | None, scaling: RopeScaling, *,
                   override: object | None = None) -> float:
-    """The bucket scale a request runs at (see the module docstring for the rule)."""
+    """The bucket a request starts at (rules 1-3 and 5 of the module docstring)."""
     length = planned_length(prompt_tokens, max_tokens, scaling)
-    if scaling.growth == "grow":
-        length = prompt_tokens
     if override is not None:
         needed = validate_override(override, scaling)
         return smallest_bucket_at_least(max(needed, scaling.finetuned_factor), scaling)
-    # "bucket >= length / L", tested as "capacity(bucket) >= length": the rounded division could pick a
-    # bucket one token too small (L=1285, bucket 1.4: 1799 / 1285 rounds to 1.4, but capacity is 1798).
-    for bucket in scaling.buckets:
-        if bucket >= scaling.finetuned_factor and scaling.capacity(bucket) >= length:
-            return bucket
-    return scaling.buckets[-1]
+    if scaling.growth != "reserve":
+        length = prompt_tokens
+    return bucket_for_length(length, scaling)
 
 
-def bucket_for_length(length: int, scaling: RopeScaling, *, at_least: float = 1.0) -> float:
-    """The smallest bucket ``>= at_least`` whose capacity holds ``length`` tokens (the largest if none)."""
-    for bucket in scaling.buckets:
-        if bucket >= at_least and scaling.capacity(bucket) >= length:
-            return bucket
-    return scaling.buckets[-1]
+def grows(scaling: RopeScaling, *, pinned: bool = False) -> bool:
+    """Whether requests may move to a larger bucket: a growth mode, and no override pinning it."""
+    return scaling.growth != "reserve" and not pinned
+
+
+def grown_factor(factor: float, length: int, scaling: RopeScaling) -> float | None:
+    """Rule 4: the bucket a growing request at ``factor`` moves to before it holds ``length`` tokens, or
+    None when it stays (``length`` fits its bucket, or it is at the largest one)."""
+    if length <= scaling.capacity(factor) or factor >= scaling.buckets[-1]:
+        return None
+    new = bucket_for_length(length, scaling, at_least=factor)
+    return new if new > factor else None
 
 
 def may_outgrow(prompt_tokens: int, max_tokens: int | None, factor: float, scaling: RopeScaling) -> bool:
-    """Whether a request admitted at ``factor`` under ``growth="grow"`` may need a larger bucket later:
+    """Whether a request admitted at ``factor`` under a growth mode may need a larger bucket later:
     ``prompt + max_tokens`` (unbounded when ``max_tokens`` is None) exceeds the bucket's capacity and a
     larger bucket exists. Always False under ``growth="reserve"``."""
-    if scaling.growth != "grow" or factor >= scaling.buckets[-1]:
+    if scaling.growth == "reserve" or factor >= scaling.buckets[-1]:
         return False
     return max_tokens is None or prompt_tokens + max_tokens > scaling.capacity(factor)

@@ -13,7 +13,7 @@ Prefix caching: vLLM's block hash covers tokens, LoRA, multimodal inputs and ``c
 Keys cached at one scale are wrong at another, so a request at a factor other than 1 gets its factor
 appended to its ``cache_salt``: blocks are shared only between requests at the same scale. Factor-1
 requests keep their salt, sharing blocks with each other exactly as stock vLLM does. Under
-``growth: "grow"`` a request that may outgrow its bucket gets a salt of its own (see ``.regrow``).
+``growth: "rerotate"`` a request that may outgrow its bucket gets a salt of its own (see ``.regrow``).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def admit(request, scaling: RopeScaling, max_model_len: int) -> float | None:
     growable = False
     try:
         factor = choose_factor(prompt_len, max_tokens, scaling, override=override)
-        if scaling.growth == "grow":  # see .regrow: larger buckets as the request grows
+        if scaling.growth == "rerotate":  # see .regrow: larger buckets as the request grows
             factor, growable = plan_growth(scaling, factor, prompt_len, max_tokens, n=params.n, override=override)
     except RopeConfigError as exc:
         from vllm.exceptions import VLLMValidationError

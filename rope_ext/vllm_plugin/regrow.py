@@ -1,6 +1,6 @@
-"""Growing a request's RoPE scale (``growth: "grow"``): re-rotate its cached keys in every layer, then go on.
+"""Growing a request's RoPE scale (``growth: "rerotate"``): re-rotate its cached keys in every layer, then go on.
 
-With ``growth: "grow"`` in the model's RoPE parameters, a request is admitted at the smallest bucket that
+With ``growth: "rerotate"`` in the model's RoPE parameters, a request is admitted at the smallest bucket that
 fits its prompt. When a step would take it past its bucket's capacity ``L * s_k``, the model-runner hook
 (:mod:`.runner`) calls :meth:`Regrower.grow` before the step runs: every cached key of the request, in
 every attention layer, is converted from s_k to the smallest bucket s that holds the new length (one
@@ -63,14 +63,14 @@ GROWTH_KEY = "rope_growth"  # extra_args: True when the request moves to a large
 
 
 class UnsupportedGrowthError(RuntimeError):
-    """growth "grow" was asked for on a configuration the re-rotation does not handle."""
+    """growth "rerotate" was asked for on a configuration the re-rotation does not handle."""
 
 
 # --- admission --------------------------------------------------------------------------------------------
 
 def plan_growth(scaling: RopeScaling, factor: float, prompt_len: int, max_tokens: int | None, *, n: int = 1,
                 override: object | None = None) -> tuple[float, bool]:
-    """Growth at admission, for a request admitted at ``factor`` under ``growth="grow"``: whether it may
+    """Growth at admission, for a request admitted at ``factor`` under ``growth="rerotate"``: whether it may
     outgrow its bucket (then it is flagged, salted apart and grown later), and the factor it starts at.
     Parallel sampling (``n > 1``) shares the prompt's blocks between its children, so such a request is
     not grown: it gets its reserve-up-front factor instead."""
@@ -254,7 +254,7 @@ class Regrower:
 
         check_growth_internals()
         if runner.device.type != "cpu":
-            raise UnsupportedGrowthError("growth 'grow' is implemented and validated for vLLM's CPU backend only")
+            raise UnsupportedGrowthError("growth 'rerotate' is implemented and validated for vLLM's CPU backend only")
         if is_quantized_kv_cache(runner.cache_config.cache_dtype):
             raise UnsupportedGrowthError(f"growth needs an unquantized KV cache (got {runner.cache_config.cache_dtype})")
         config = runner.kv_cache_config
@@ -337,8 +337,8 @@ class Regrower:
 
 
 def grow_requests(runner, rotary, num_scheduled_tokens, *, factor_key: str) -> None:
-    """The runner hook's entry: a no-op unless the model's scaling says ``growth: "grow"``."""
-    if rotary.scaling.growth != "grow":
+    """The runner hook's entry: a no-op unless the model's scaling says ``growth: "rerotate"``."""
+    if rotary.scaling.growth != "rerotate":
         return
     regrower = runner.__dict__.get("_ropeserve_regrower")
     if regrower is None:

@@ -6,7 +6,7 @@ tokens out request by request in ``input_batch`` order. After it runs, we look u
 when a request lacks it) and fill ``token_offsets`` of every :class:`PerRequestRotaryEmbedding` with
 ``np.repeat(row_offset_per_request, num_scheduled_tokens)``. Every prefill chunk and every decode step
 of a request therefore uses its one scale. A request that grows past its bucket keeps its scale (the
-first time, a warning is logged), unless the model says ``growth: "grow"``: then, before the offsets
+first time, a warning is logged), unless the model says ``growth: "rerotate"``: then, before the offsets
 are written, :mod:`.regrow` moves it to a larger bucket and re-rotates its cached keys.
 """
 
@@ -92,7 +92,7 @@ def patch_model_runner() -> None:
         if state is None:
             state = self._ropeserve_state = RunnerRopeState.discover(self)
         if state.modules:
-            grow_requests(self, state.modules[0], num_scheduled_tokens, factor_key=FACTOR_KEY)  # growth "grow"
+            grow_requests(self, state.modules[0], num_scheduled_tokens, factor_key=FACTOR_KEY)  # growth "rerotate"
             state.fill(self, num_scheduled_tokens)
         return result
 

@@ -3,7 +3,7 @@ and its cached keys are re-rotated each time; other requests are unaffected.
 
 Settings, chosen small so that one engine (started once for the module) and a transformers oracle run in
 a few minutes on two cores: L = 1000 (``original_max_position_embeddings``), buckets 1, 1.04, 2
-(capacities 1000, 1040, 2000), ``growth: "grow"``. The growing request has a 960-token prompt (admitted at
+(capacities 1000, 1040, 2000), ``growth: "rerotate"``. The growing request has a 960-token prompt (admitted at
 1) and generates 120 tokens: at 1000 tokens it moves to 1.04, at 1040 to 2. Each boundary falls inside
 a 128-token block.
 
@@ -41,7 +41,7 @@ ORACLE_TOLERANCE = 1e-3  # max |logprob difference|, engine vs transformers orac
 ISOLATION_TOLERANCE = 1e-4  # a request alone vs among others, same engine, float32 (test_engine_fidelity)
 GROW = {"rope_parameters": {"rope_type": "dynamic_yarn", "rope_theta": 100000.0, "factor": BUCKETS[-1],
                             "original_max_position_embeddings": L, "buckets": list(BUCKETS),
-                            "growth": "grow"}}
+                            "growth": "rerotate"}}
 
 
 def _close(a, b, tolerance=ISOLATION_TOLERANCE) -> bool:
@@ -73,7 +73,7 @@ def oracle(model_dir):
     from tests.plugin.dynamic_oracle import GrowthOracle
 
     scaling = RopeScaling(method="dynamic_yarn", original_max_position=L, max_factor=BUCKETS[-1],
-                          buckets=BUCKETS, growth="grow")
+                          buckets=BUCKETS, growth="rerotate")
     return GrowthOracle(model_dir, scaling, rows_per_bucket=MAX_MODEL_LEN)
 
 

@@ -8,7 +8,7 @@
   last block are left bit for bit.
 - Regrower.grow: only growable requests that a step takes past their bucket move, to the smallest
   bucket that holds them; the factor in their extra_args follows.
-- Admission under growth "grow": flag, capacity, a cache salt of its own; parallel sampling reserves.
+- Admission under growth "rerotate": flag, capacity, a cache salt of its own; parallel sampling reserves.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def test_probed_slots_find_every_key_the_backend_wrote(vllm_config, isa, dtype, 
 def rotary(vllm_config):
     from rope_ext.vllm_plugin.rotary import PerRequestRotaryEmbedding
 
-    scaling = RopeScaling(method="dynamic_yarn", original_max_position=200, max_factor=4.0, growth="grow")
+    scaling = RopeScaling(method="dynamic_yarn", original_max_position=200, max_factor=4.0, growth="rerotate")
     return PerRequestRotaryEmbedding(64, 64, 1e5, True, torch.float32, scaling=scaling,
                                      rows_per_bucket=scaling.max_context, max_num_tokens=1024)
 
@@ -181,7 +181,7 @@ def _request(prompt_len, max_tokens, n=1, cache_salt=None):
         arrival_time=time.time(), lora_request=None, cache_salt=cache_salt, data_parallel_rank=None)
 
 
-GROW = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, growth="grow")
+GROW = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, growth="rerotate")
 
 
 def test_admission_flags_growable_requests_and_salts_them_apart():

@@ -62,7 +62,7 @@ def test_command_follows_the_settings() -> None:
 def test_overrides_read_back_as_the_same_scaling() -> None:
     from rope_ext import RopeScaling
 
-    for growth in ("reserve", "grow"):
+    for growth in ("reserve", "rerotate"):
         settings = GatewaySettings(rope_buckets="1,3,8", rope_finetuned_factor=3, rope_generation_reserve=64,
                                    rope_growth=growth)
         overrides = hf_overrides(settings.rope_scaling(), 1e5)

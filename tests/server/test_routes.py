@@ -269,7 +269,7 @@ async def test_custom_rope_settings_flow_to_the_policy() -> None:
     assert models.json()["data"][0]["max_model_len"] == 16384
 
 
-@pytest.mark.parametrize(("growth", "factor"), [("reserve", "1.5"), ("grow", "1")])
+@pytest.mark.parametrize(("growth", "factor"), [("reserve", "1.5"), ("rerotate", "1")])
 async def test_growth_chooses_the_factor_of_the_prompt_alone(growth: str, factor: str) -> None:
     """3000 prompt tokens + 2000 to generate: reserved up front they need 1.5; grown, the prompt fits 1."""
     scaling = RopeScaling(method="dynamic_yarn", original_max_position=4096, max_factor=4.0, buckets=(1.0, 1.5, 4.0),

@@ -1,4 +1,4 @@
-"""The ``growth`` setting of the policy: "reserve" (default, today's rule) against "grow" (admit at the
+"""The ``growth`` setting of the policy: "reserve" (default, today's rule) against "rerotate" (admit at the
 smallest bucket that fits the prompt, move to a larger bucket when the request outgrows its own).
 Default model settings: L = 8192, buckets 1, 2, 4, 8.
 """
@@ -8,18 +8,18 @@ from __future__ import annotations
 import pytest
 
 from rope_ext import RopeConfigError, RopeScaling, choose_factor
-from rope_ext.policy import bucket_for_length, may_outgrow
+from rope_ext.policy import bucket_for_length, grown_factor, grows, may_outgrow
 
 RESERVE = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0)
-GROW = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, growth="grow")
+GROW = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, growth="rerotate")
 
 
 def test_default_is_reserve() -> None:
     assert RESERVE.growth == "reserve"
     assert RopeScaling.from_rope_parameters({"rope_type": "dynamic_yarn", "factor": 8.0},
                                             max_position_embeddings=8192).growth == "reserve"
-    assert RopeScaling.from_rope_parameters({"rope_type": "dynamic_yarn", "factor": 8.0, "growth": "grow"},
-                                            max_position_embeddings=8192).growth == "grow"
+    assert RopeScaling.from_rope_parameters({"rope_type": "dynamic_yarn", "factor": 8.0, "growth": "rerotate"},
+                                            max_position_embeddings=8192).growth == "rerotate"
 
 
 @pytest.mark.parametrize("bad", ["Grow", "", "dynamic", None, 1])
@@ -45,7 +45,7 @@ def test_grow_admits_at_the_smallest_bucket_that_fits_the_prompt(prompt, max_tok
 
 def test_override_and_finetuned_floor_still_apply_under_grow() -> None:
     assert choose_factor(100, 16, GROW, override=3) == 4.0
-    floored = RopeScaling(original_max_position=8192, max_factor=8.0, finetuned_factor=2.0, growth="grow")
+    floored = RopeScaling(original_max_position=8192, max_factor=8.0, finetuned_factor=2.0, growth="rerotate")
     assert choose_factor(100, 16, floored) == 2.0
 
 
@@ -67,3 +67,26 @@ def test_bucket_for_length(length, at_least, expected) -> None:
 def test_may_outgrow(prompt, max_tokens, factor, expected) -> None:
     assert may_outgrow(prompt, max_tokens, factor, GROW) is expected
     assert may_outgrow(prompt, max_tokens, factor, RESERVE) is False
+
+
+@pytest.mark.parametrize(("factor", "length", "expected"), [
+    (1.0, 8192, None),      # fits: stays
+    (1.0, 8193, 2.0),       # one token past L: the next bucket
+    (1.0, 20000, 4.0),      # straight to the bucket the length needs
+    (2.0, 16385, 4.0),
+    (8.0, 70000, None),     # the largest bucket: nowhere to go
+])
+def test_grown_factor(factor, length, expected) -> None:
+    assert grown_factor(factor, length, GROW) == expected
+
+
+def test_grown_factor_keeps_the_headroom() -> None:
+    headroom = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, growth="recompute",
+                           headroom=1.25)
+    assert grown_factor(2.0, 16385, headroom) == 4.0
+    assert grown_factor(4.0, 32769, headroom) == 8.0
+    assert grown_factor(1.0, 8193, headroom) == 2.0
+
+
+def test_an_override_pins_the_request() -> None:
+    assert grows(GROW) and not grows(GROW, pinned=True) and not grows(RESERVE)

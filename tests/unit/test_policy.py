@@ -86,3 +86,29 @@ def test_decision_depends_only_on_the_request() -> None:
     first = choose_factor(100, None, DEFAULT)
     choose_factor(60000, 0, DEFAULT)
     assert choose_factor(100, None, DEFAULT) == first == 1.0
+
+
+HEADROOM = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, headroom=1.25)
+
+
+@pytest.mark.parametrize(("prompt", "max_tokens", "factor"), [
+    (8000, 192, 1.0),       # 8192 = L: at or below L headroom changes nothing (exact, scale 1)
+    (8000, 193, 2.0),       # 8193 x 1.25 = 10242 fits 2
+    (13107, 0, 2.0),        # ceil(13107 x 1.25) = 16384 fits 2 exactly
+    (13108, 0, 4.0),        # 16385 does not
+    (16384, 0, 4.0),        # the top of bucket 2 runs one bucket up
+    (52428, 0, 8.0),
+    (60000, 0, 8.0),        # nothing larger: the largest bucket
+])
+def test_headroom_sizes_buckets_past_l_for_more_than_the_length(prompt, max_tokens, factor) -> None:
+    assert choose_factor(prompt, max_tokens, HEADROOM) == factor
+
+
+def test_headroom_must_be_at_least_one() -> None:
+    from rope_ext import RopeConfigError
+
+    with pytest.raises(RopeConfigError) as info:
+        RopeScaling(original_max_position=8192, max_factor=8.0, headroom=0.9)
+    assert info.value.field == "headroom"
+    assert RopeScaling.from_rope_parameters({"rope_type": "dynamic_yarn", "factor": 8.0, "headroom": 1.25},
+                                            max_position_embeddings=8192).headroom == 1.25
