@@ -29,7 +29,7 @@ from bench.evals.methods import METHODS
 from bench.evals.runner import estimated_seconds, plan_groups, run_cells
 
 REPO = Path(__file__).resolve().parents[2]
-MODES = ("tiny", "quick", "full")
+MODES = ("tiny", "quick", "decide", "full")
 
 
 def parser(experiments: tuple[str, ...] | None) -> argparse.ArgumentParser:
@@ -47,6 +47,7 @@ def parser(experiments: tuple[str, ...] | None) -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", choices=["paper", "prose"], help="passkey: haystacks")
     p.add_argument("--books", nargs="+", choices=["katrine", "news-from-nowhere"], help="override the books")
     p.add_argument("--budget", type=int, help="short-context: tokens per length and book")
+    p.add_argument("--offsets", nargs="+", type=int, help="perplexity: the tokens documents start at")
     p.add_argument("--seed", type=int, default=0, help="first passkey seed; the engines' seed (default 0)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--model", help="model directory (default: the prepared default model)")
@@ -63,6 +64,8 @@ def parser(experiments: tuple[str, ...] | None) -> argparse.ArgumentParser:
 
 
 def grid_for(name: str, args: argparse.Namespace) -> Grid:
+    if args.mode not in GRIDS[name]:
+        raise SystemExit(f"{name} has no {args.mode} grid; its grids: {', '.join(GRIDS[name])}")
     grid = GRIDS[name][args.mode]
     changes = {field: tuple(getattr(args, field)) for field in ("methods", "lengths", "books", "variants")
                if getattr(args, field)}
@@ -72,6 +75,8 @@ def grid_for(name: str, args: argparse.Namespace) -> Grid:
         changes["seeds"] = args.seeds
     if args.budget:
         changes["budget"] = args.budget
+    if args.offsets:
+        changes["offsets"] = tuple(args.offsets)
     return dataclasses.replace(grid, **changes)
 
 

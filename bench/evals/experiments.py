@@ -30,12 +30,14 @@ from bench.evals.inputs import (
     window_count,
     windows,
 )
-from bench.evals.methods import L, METHODS, get_methods
+from bench.evals.methods import L, METHODS, Method, get_methods
 from bench.evals.runner import Cell
 from bench.evals.store import CellStore
 from server.passkey import MAX_NEW_TOKENS, draw, parse_answer
 
 ALL_METHODS = ("unscaled", "yarn-x8", "yarn-fit", "linear-x8", "ntk-x8", "dynamic-ntk", "dynamic-yarn")
+# The policy question: stock static YaRN x8 against ropeserve's candidate policies (rope_ext.policy).
+POLICY_METHODS = ("yarn-x8", "dynamic-yarn", "dynamic-yarn-headroom", "dynamic-yarn-fine")
 SHORT_OFFSET = 2000  # windows start at this token of the book (past the front matter)
 LABELS = {name: m.label for name, m in METHODS.items()}
 
@@ -51,6 +53,11 @@ class Grid:
     seeds: int = 1  # seeds base .. base + seeds - 1
     variants: tuple[str, ...] = ()
     budget: int = 0  # short-context: tokens scored per length and book (windows = budget // length)
+    offsets: tuple[int, ...] = (0,)  # perplexity: the token each document starts at in its book
+    variant_lengths: tuple[tuple[str, tuple[int, ...]], ...] = ()  # passkey: a variant's own lengths
+
+    def lengths_of(self, variant: str) -> tuple[int, ...]:
+        return dict(self.variant_lengths).get(variant, self.lengths)
 
 
 def _depths(*tenths: int) -> tuple[float, ...]:
@@ -60,6 +67,9 @@ def _depths(*tenths: int) -> tuple[float, ...]:
 GRIDS: dict[str, dict[str, Grid]] = {
     "passkey": {
         "tiny": Grid(("unscaled", "dynamic-yarn"), (512,), depths=_depths(5), variants=("paper", "prose")),
+        # 10 trials a cell: 5 depths x 2 seeds; the prose haystack at 16k only.
+        "decide": Grid(POLICY_METHODS, (12288, 16384, 24576), depths=_depths(1, 3, 5, 7, 9), seeds=2,
+                       variants=("paper", "prose"), variant_lengths=(("prose", (16384,)),)),
         "quick": Grid(("unscaled", "yarn-x8", "dynamic-yarn"), (4096, 8192, 16384), depths=_depths(2, 8),
                       variants=("paper", "prose")),
         "full": Grid(ALL_METHODS, (4096, 8192, 16384, 32768, 65536), depths=_depths(*range(1, 10)),
@@ -67,6 +77,8 @@ GRIDS: dict[str, dict[str, Grid]] = {
     },
     "perplexity": {
         "tiny": Grid(("unscaled", "dynamic-yarn"), (512, 1024)),
+        "decide": Grid((*POLICY_METHODS, "dynamic-ntk"), (10240, 12288, 16384, 24576, 32768),
+                       books=("katrine", "news-from-nowhere"), offsets=(0, 25000, 50000)),
         "quick": Grid(ALL_METHODS, (1024, 2048, 4096, 8192, 16384)),
         "full": Grid(ALL_METHODS, (1024, 2048, 4096, 8192, 16384, 32768, 65536),
                      books=("katrine", "news-from-nowhere")),
@@ -106,11 +118,18 @@ def _perplexity_finish(engine: str, scale: float):
     return finish
 
 
-def _scoring_request(prompt: Sequence[int]):
+def _scoring_request(prompt: Sequence[int], extra_args: dict | None = None):
     from server.offline import Request
 
     return Request(prompt_token_ids=list(prompt), max_tokens=PERPLEXITY_NEW_TOKENS, logprobs=None,
-                   prompt_logprobs=0)
+                   prompt_logprobs=0, extra_args=extra_args)
+
+
+def _forced(method: Method, length: int) -> float | None:
+    """The factor a cell's request asks for (part of its input: cells on one engine that ask for the same
+    factor with the same prompt are one computation), or None."""
+    extra = method.extra_args(length)
+    return None if extra is None else extra["rope_factor"]
 
 
 class Experiment:
@@ -151,15 +170,15 @@ class Passkey(Experiment):
         cells = []
         for method in get_methods(grid.methods):
             for variant in grid.variants:
-                for length in grid.lengths:
+                for length in grid.lengths_of(variant):
                     for depth in grid.depths:
                         for s in range(seed, seed + grid.seeds):
                             engine = method.engine_for(length)
                             key = draw(s, depth)[0]
 
-                            def build(v=variant, n=length, d=depth, s=s):
+                            def build(v=variant, n=length, d=depth, s=s, extra=method.extra_args(length)):
                                 return Request(prompt_token_ids=self._prompt(corpus, v, n, d, s),
-                                               max_tokens=MAX_NEW_TOKENS, logprobs=None)
+                                               max_tokens=MAX_NEW_TOKENS, logprobs=None, extra_args=extra)
 
                             def finish(result, key=key, engine=engine.name, scale=method.scale(length)):
                                 answer = parse_answer(result.text)
@@ -171,22 +190,26 @@ class Passkey(Experiment):
                             cells.append(Cell(
                                 key={"method": method.name, "variant": variant, "length": length, "depth": depth,
                                      "seed": s, "dtype": dtype},
-                                engine=engine, input_id=("passkey", variant, length, depth, s), context=length,
-                                build=build, finish=finish))
+                                engine=engine, input_id=("passkey", variant, length, depth, s,
+                                                         _forced(method, length)),
+                                context=length, build=build, finish=finish))
         return cells
 
     def report(self, rows, grid, out, mode):
         folder = out / self.name
         table = scoring.passkey_accuracy(rows, grid.methods)
         paths = [_write_csv(folder / f"{mode}_accuracy.csv", table,
-                            ("method", "variant", "length", "cells", "passed", "accuracy"))]
+                            ("method", "variant", "length", "cells", "passed", "accuracy", "low", "high"))]
         text = [f"# {self.title} ({mode})\n"]
         for variant in grid.variants:
             part = [r for r in table if r["variant"] == variant]
-            shown = [{**r, "shown": f"{r['passed']}/{r['cells']}"} for r in part]
-            text += [f"\n## {variant} haystack: passed / cells\n\n",
+            shown = [{**r, "shown": f"{r['passed']}/{r['cells']} [{r['low']:.2f}, {r['high']:.2f}]"} for r in part]
+            text += [f"\n## {variant} haystack: passed / cells [Wilson 95 % interval]\n\n",
                      scoring.pivot_markdown(shown, "method", "length", "shown", fmt="", labels=LABELS,
                                             column_label=_length_label)]
+            paths += _try_plot(plots.passkey_accuracy_lines, table, grid.methods, variant,
+                               folder / f"{mode}_accuracy_{variant}.png", labels=LABELS,
+                               title=f"Passkey retrieval, {variant} haystack ({mode})")
             png = folder / f"{mode}_heatmap_{variant}.png"
             paths += _try_plot(plots.passkey_heatmaps, [r for r in rows], grid.methods, variant, png,
                                labels=LABELS, title=f"Passkey retrieval, {variant} haystack ({mode}): "
@@ -198,28 +221,32 @@ class Passkey(Experiment):
 class Perplexity(Experiment):
     name = "perplexity"
     title = "Perplexity against context length (truncated documents)"
-    key_fields = ("method", "book", "length", "dtype")
+    key_fields = ("method", "book", "offset", "length", "dtype")
     value_fields = ("engine", "scale", "scored_tokens", "nll_sum", "ppl", "logprobs_sha1", "seconds")
 
     def cells(self, grid, corpus, *, dtype, seed):
         cells = []
         for method in get_methods(grid.methods):
             for book in grid.books:
-                for length in grid.lengths:
-                    engine = method.engine_for(length)
-                    cells.append(Cell(
-                        key={"method": method.name, "book": book, "length": length, "dtype": dtype},
-                        engine=engine, input_id=("document", book, length), context=length,
-                        build=lambda b=book, n=length: _scoring_request(
-                            truncated_document(corpus.book_tokens(b), n, corpus.bos)),
-                        finish=_perplexity_finish(engine.name, method.scale(length))))
+                for offset in grid.offsets:
+                    for length in grid.lengths:
+                        engine = method.engine_for(length)
+                        cells.append(Cell(
+                            key={"method": method.name, "book": book, "offset": offset, "length": length,
+                                 "dtype": dtype},
+                            engine=engine, input_id=("document", book, offset, length, _forced(method, length)),
+                            context=length,
+                            build=lambda b=book, o=offset, n=length, extra=method.extra_args(length): _scoring_request(
+                                truncated_document(corpus.book_tokens(b), n, corpus.bos, offset=o), extra),
+                            finish=_perplexity_finish(engine.name, method.scale(length))))
         return cells
 
     def report(self, rows, grid, out, mode):
         folder = out / self.name
         table = scoring.perplexity_table(rows, grid.methods)
         books = sorted({r["book"] for r in rows})
-        columns = ("method", "length", "documents", *[f"ppl_{b}" for b in books], "ppl")
+        columns = ("method", "length", "documents", *[f"ppl_{b}" for b in books], "ppl", "ppl_sd", "ppl_min",
+                   "ppl_max")
         paths = [_write_csv(folder / f"{mode}_perplexity.csv", table, columns)]
         text = [f"# {self.title} ({mode})\n\n## Mean over {len(books)} book(s): {', '.join(books)}\n\n",
                 scoring.pivot_markdown(table, "method", "length", "ppl", fmt=".2f", labels=LABELS,
@@ -253,9 +280,11 @@ class ShortContext(Experiment):
                         cells.append(Cell(
                             key={"method": method.name, "book": book, "length": length, "window": w,
                                  "dtype": dtype},
-                            engine=engine, input_id=("window", book, length, w), context=length,
-                            build=lambda b=book, n=length, w=w: _scoring_request(
-                                windows(corpus.book_tokens(b), n, w + 1, offset=SHORT_OFFSET, bos=corpus.bos)[w]),
+                            engine=engine, input_id=("window", book, length, w, _forced(method, length)),
+                            context=length,
+                            build=lambda b=book, n=length, w=w, extra=method.extra_args(length): _scoring_request(
+                                windows(corpus.book_tokens(b), n, w + 1, offset=SHORT_OFFSET, bos=corpus.bos)[w],
+                                extra),
                             finish=_perplexity_finish(engine.name, method.scale(length))))
         return cells
 

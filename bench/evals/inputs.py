@@ -62,13 +62,15 @@ def _check_length(context: int, minimum: int) -> None:
         raise ValueError(f"context length must be an integer >= {minimum} (got {context!r})")
 
 
-def truncated_document(tokens: Sequence[int], context: int, bos: int) -> list[int]:
-    """The paper's truncated-document input at planned context ``context``: BOS + the document's first
-    ``context - 2`` tokens (the prompt; the one generated token makes ``context``)."""
+def truncated_document(tokens: Sequence[int], context: int, bos: int, *, offset: int = 0) -> list[int]:
+    """The paper's truncated-document input at planned context ``context``: BOS + ``context - 2`` tokens of
+    the document from token ``offset`` on (the prompt; the one generated token makes ``context``)."""
     _check_length(context, 3)
-    if context - 2 > len(tokens):
-        raise ValueError(f"the document has {len(tokens)} tokens, fewer than {context - 2}")
-    return [bos, *tokens[:context - 2]]
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be an integer >= 0 (got {offset!r})")
+    if offset + context - 2 > len(tokens):
+        raise ValueError(f"the document has {len(tokens)} tokens, fewer than {offset} + {context - 2}")
+    return [bos, *tokens[offset:offset + context - 2]]
 
 
 def windows(tokens: Sequence[int], context: int, count: int, *, offset: int, bos: int) -> list[list[int]]:

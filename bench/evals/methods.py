@@ -23,6 +23,7 @@ rows, more of them), and ``ntk`` gets the same override; below L plain RoPE is t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -103,31 +104,63 @@ def ntk(factor: float) -> EngineConfig:
         "max_position_embeddings": int(L * factor)}, int(L * factor))
 
 
-def plugin(rope_type: str, factor: float = MAX_FACTOR) -> EngineConfig:
-    return _config(f"plugin-{rope_type}-x{factor:g}", {"rope_parameters": {
-        "rope_type": rope_type, "rope_theta": ROPE_THETA, "factor": float(factor),
-        "original_max_position_embeddings": L}}, int(L * factor))
+def plugin(rope_type: str, factor: float = MAX_FACTOR, buckets: tuple[float, ...] | None = None) -> EngineConfig:
+    """The plugin engine; with ``buckets`` (default: powers of two), named ``...-buckets`` (the bench uses one
+    bucket list besides the default, :data:`FINE_BUCKETS`)."""
+    params: dict[str, Any] = {"rope_type": rope_type, "rope_theta": ROPE_THETA, "factor": float(factor),
+                              "original_max_position_embeddings": L}
+    if buckets is not None:
+        params["buckets"] = list(buckets)
+    suffix = "" if buckets is None else "-buckets" + "-".join(f"{b:.3g}" for b in buckets)
+    return _config(f"plugin-{rope_type}-x{factor:g}{suffix}", {"rope_parameters": params}, int(L * factor))
 
 
 POLICY = RopeScaling(method="dynamic_yarn", original_max_position=L, max_factor=MAX_FACTOR)
+# Factors sqrt(2) apart: every bucket of every ropeserve policy compared here (they share one engine).
+FINE_BUCKETS = tuple(2 ** (k / 2) if k % 2 else float(2 ** (k // 2)) for k in range(7))
+POLICIES: dict[str, RopeScaling] = {
+    "dynamic-yarn": POLICY,
+    "dynamic-yarn-headroom": dataclasses.replace(POLICY, headroom=1.25),
+    "dynamic-yarn-fine": dataclasses.replace(POLICY, buckets=FINE_BUCKETS),
+    "dynamic-ntk": dataclasses.replace(POLICY, method="dynamic_ntk"),
+}
 
 
-def fitting_factor(context: int) -> float:
-    """The smallest bucket (power of two up to 8) whose capacity L*s holds ``context`` tokens: the factor
-    the plugin gives a request of that planned length."""
-    return choose_factor(context, 0, POLICY)
+def fitting_factor(context: int, policy: RopeScaling = POLICY) -> float:
+    """The factor ``policy`` gives a request of planned length ``context`` (its prompt and max_tokens: the
+    cells' lengths are planned lengths, see :mod:`bench.evals.inputs`)."""
+    return choose_factor(context, 0, policy)
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
+    """A method: the engine serving a request of each planned length, the scale it runs at, and the
+    factor the request asks the engine for (the ropeserve policies: decided here by
+    :mod:`rope_ext.policy`, applied by the plugin engine as a per-request override)."""
+
     name: str
     label: str
     engine_for: Callable[[int], EngineConfig]  # planned context length -> engine
     scale: Callable[[int], float]  # planned context length -> the RoPE scale it runs at
+    forced: bool = False  # the request asks for ``scale`` (vllm_xargs rope_factor)
+
+    def extra_args(self, context: int) -> dict[str, float] | None:
+        return {"rope_factor": self.scale(context)} if self.forced else None
 
 
 def _fixed(factor: float) -> Callable[[int], float]:
     return lambda n: factor
+
+
+def _ropeserve(name: str, label: str) -> Method:
+    """A ropeserve policy: every YaRN policy on one plugin engine holding all their buckets (the tables of
+    a bucket are the same whatever other buckets stand beside it), dynamic NTK on its own."""
+    policy = POLICIES[name]
+    if policy.method == "dynamic_yarn":
+        engine = plugin("dynamic_yarn", buckets=FINE_BUCKETS)
+    else:
+        engine = plugin(policy.method)
+    return Method(name, label, lambda n: engine, functools.partial(fitting_factor, policy=policy), forced=True)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -139,8 +172,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("yarn-x4", "static YaRN x4", lambda n: static_yarn(4), _fixed(4.0)),
     Method("linear-x8", "PI (linear) x8", lambda n: linear(8), _fixed(8.0)),
     Method("ntk-x8", "static NTK x8 (vLLM ntk)", lambda n: ntk(8), _fixed(8.0)),
-    Method("dynamic-ntk", "ropeserve dynamic NTK", lambda n: plugin("dynamic_ntk"), fitting_factor),
-    Method("dynamic-yarn", "ropeserve dynamic YaRN", lambda n: plugin("dynamic_yarn"), fitting_factor),
+    _ropeserve("dynamic-ntk", "ropeserve dynamic NTK"),
+    _ropeserve("dynamic-yarn", "ropeserve dynamic YaRN"),
+    _ropeserve("dynamic-yarn-headroom", "ropeserve dynamic YaRN, headroom 1.25"),
+    _ropeserve("dynamic-yarn-fine", "ropeserve dynamic YaRN, buckets sqrt(2) apart"),
 )}
 
 

@@ -74,15 +74,22 @@ def passkey_heatmaps(rows: Sequence[Mapping], methods: Sequence[str], variant: s
 def perplexity_lines(table: Sequence[Mapping], methods: Sequence[str], path: Path, *,
                      labels: Mapping[str, str], original_context: int, title: str,
                      value: str = "ppl") -> Path:
-    """Perplexity against context length, one line per method (the paper's Figure 1), log-log axes."""
+    """Perplexity against context length, one line per method (the paper's Figure 1), log-log axes; where
+    a point is the mean of several documents, a bar spans their minimum to maximum."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     lengths = sorted({row["length"] for row in table})
     for method in methods:
-        points = sorted((row["length"], row[value]) for row in table if row["method"] == method)
-        if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3,
-                    label=labels.get(method, method), **_style(method))
+        rows = sorted((row for row in table if row["method"] == method), key=lambda row: row["length"])
+        if not rows:
+            continue
+        x, y = [row["length"] for row in rows], [row[value] for row in rows]
+        line, = ax.plot(x, y, marker="o", markersize=3, label=labels.get(method, method), **_style(method))
+        if value == "ppl" and any(row.get("documents", 1) > 1 for row in rows):
+            spread = [[row[value] - row.get("ppl_min", row[value]) for row in rows],
+                      [row.get("ppl_max", row[value]) - row[value] for row in rows]]
+            ax.errorbar(x, y, yerr=spread, fmt="none", ecolor=line.get_color(), elinewidth=0.8, capsize=2,
+                        alpha=0.8, zorder=line.get_zorder())
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     if lengths and lengths[0] <= original_context <= lengths[-1]:
@@ -121,6 +128,37 @@ def short_context_lines(table: Sequence[Mapping], methods: Sequence[str], path: 
     ax.set_xticks(lengths, [_length_label(n) for n in lengths])
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("perplexity vs unscaled (%)")
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, linewidth=0.3)
+    fig.savefig(path, dpi=110, bbox_inches="tight", metadata=_META)
+    plt.close(fig)
+    return path
+
+
+def passkey_accuracy_lines(table: Sequence[Mapping], methods: Sequence[str], variant: str, path: Path, *,
+                           labels: Mapping[str, str], title: str) -> Path:
+    """Passkey accuracy against context length, one line per method, bars spanning the Wilson 95 %
+    interval of each point (the rows of :func:`bench.evals.scoring.passkey_accuracy`)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rows = [row for row in table if row["variant"] == variant]
+    lengths = sorted({row["length"] for row in rows})
+    shift = {m: (i - (len(methods) - 1) / 2) * 0.025 for i, m in enumerate(methods)}  # side by side
+    for method in methods:
+        mine = sorted((row for row in rows if row["method"] == method), key=lambda row: row["length"])
+        if not mine:
+            continue
+        x = [row["length"] * 2 ** shift[method] for row in mine]
+        y = [row["accuracy"] for row in mine]
+        bars = [[row["accuracy"] - row["low"] for row in mine], [row["high"] - row["accuracy"] for row in mine]]
+        ax.errorbar(x, y, yerr=bars, marker="o", markersize=3, capsize=3, label=labels.get(method, method),
+                    **_style(method))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [_length_label(n) for n in lengths])
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("accuracy (Wilson 95 % interval)")
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=10)
     ax.grid(True, linewidth=0.3)

@@ -41,8 +41,21 @@ def _order(values: Iterable[str], first: Sequence[str] = ()) -> list[str]:
     return [v for v in first if v in values] + sorted(values - set(first))
 
 
+Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile
+
+
+def wilson_interval(passed: int, trials: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (95 % by default); (0, 1) for no trials."""
+    if trials == 0:
+        return 0.0, 1.0
+    p = passed / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def passkey_accuracy(rows: Iterable[Row], methods: Sequence[str] = ()) -> list[dict]:
-    """One row per (method, variant, length): cells, passed, accuracy."""
+    """One row per (method, variant, length): cells, passed, accuracy and its Wilson 95 % interval."""
     groups: dict[tuple[str, str, int], list[bool]] = defaultdict(list)
     for row in rows:
         groups[(row["method"], row["variant"], int(row["length"]))].append(row["passed"] == "True")
@@ -50,8 +63,9 @@ def passkey_accuracy(rows: Iterable[Row], methods: Sequence[str] = ()) -> list[d
     out = []
     for method, variant, length in sorted(groups, key=lambda k: (order[k[0]], k[1], k[2])):
         passed = groups[(method, variant, length)]
+        low, high = wilson_interval(sum(passed), len(passed))
         out.append({"method": method, "variant": variant, "length": length, "cells": len(passed),
-                    "passed": sum(passed), "accuracy": sum(passed) / len(passed)})
+                    "passed": sum(passed), "accuracy": sum(passed) / len(passed), "low": low, "high": high})
     return out
 
 
@@ -70,16 +84,23 @@ def passkey_grid(rows: Iterable[Row], method: str, variant: str
 
 
 def perplexity_table(rows: Iterable[Row], methods: Sequence[str] = ()) -> list[dict]:
-    """One row per (method, length): the perplexity of each document (book) and their mean."""
-    groups: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
+    """One row per (method, length) over its documents (a book from one start offset each): the mean
+    perplexity of each book, the mean over all documents, their sample standard deviation (None for one
+    document), minimum and maximum."""
+    groups: dict[tuple[str, int], dict[tuple[str, str], float]] = defaultdict(dict)
     for row in rows:
-        groups[(row["method"], int(row["length"]))][row["book"]] = float(row["ppl"])
+        groups[(row["method"], int(row["length"]))][(row["book"], row.get("offset", "0"))] = float(row["ppl"])
     order = {m: i for i, m in enumerate(_order({k[0] for k in groups}, methods))}
     out = []
     for method, length in sorted(groups, key=lambda k: (order[k[0]], k[1])):
-        books = groups[(method, length)]
-        out.append({"method": method, "length": length, "documents": len(books),
-                    **{f"ppl_{b}": books[b] for b in sorted(books)}, "ppl": statistics.fmean(books.values())})
+        documents = groups[(method, length)]
+        values = list(documents.values())
+        books = sorted({book for book, _ in documents})
+        out.append({"method": method, "length": length, "documents": len(values),
+                    **{f"ppl_{b}": statistics.fmean(v for (book, _), v in documents.items() if book == b)
+                       for b in books},
+                    "ppl": statistics.fmean(values), "ppl_sd": statistics.stdev(values) if len(values) > 1 else None,
+                    "ppl_min": min(values), "ppl_max": max(values)})
     return out
 
 

@@ -4,7 +4,9 @@ Rows are appended and flushed as soon as their engine run returns, so an interru
 what it finished; on the next run those cells are skipped. Every row is one physical line (values never
 hold a newline), so a row cut short by a crash is the file's last line without its newline, and it is
 dropped on load. :meth:`CellStore.compact` rewrites the file sorted by key, so the committed CSV does not
-depend on the order cells finished in::
+depend on the order cells finished in. Several processes may fill one store at once (say one engine per
+core, each on its own methods): appends and compaction hold an exclusive lock on ``<file>.lock``, and
+compaction first reads back the rows the others appended::
 
     store = CellStore(path, key_fields=("method", "length"), value_fields=("nll",))
     todo = [k for k in keys if not store.done(k)]
@@ -13,7 +15,9 @@ depend on the order cells finished in::
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import os
 from collections.abc import Iterable, Mapping
@@ -38,10 +42,18 @@ class CellStore:
         if len(set(self.fields)) != len(self.fields):
             raise ValueError(f"duplicate fields in {self.fields}")
         self._rows: dict[tuple[str, ...], dict[str, str]] = {}
-        self._load()
+        with self._locked():
+            self._load()
 
     def key(self, cell: Mapping[str, Any]) -> tuple[str, ...]:
         return tuple(canonical(cell[f]) for f in self.key_fields)
+
+    @contextlib.contextmanager
+    def _locked(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(self.path.suffix + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
 
     def _load(self) -> None:
         if not self.path.exists():
@@ -60,7 +72,7 @@ class CellStore:
                 row = dict(zip(self.fields, values))
                 self._rows[self.key(row)] = row
         if cut_short:
-            self.compact()
+            self._rewrite()
 
     def done(self, cell: Mapping[str, Any]) -> bool:
         return self.key(cell) in self._rows
@@ -79,9 +91,8 @@ class CellStore:
                 raise ValueError(f"a stored value holds a newline: {row}")
         if not rows:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        with self.path.open("a", encoding="utf-8", newline="") as f:
+        with self._locked(), self.path.open("a", encoding="utf-8", newline="") as f:
+            new = f.tell() == 0
             writer = csv.writer(f, lineterminator="\n")
             if new:
                 writer.writerow(self.fields)
@@ -96,8 +107,13 @@ class CellStore:
         return [self._rows[k] for k in sorted(self._rows, key=_sort_key)]
 
     def compact(self) -> None:
-        """Rewrite the file with one row per key, sorted; atomic (written aside, then renamed)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Rewrite the file with one row per key, sorted, including rows other processes appended; atomic
+        (written aside, then renamed)."""
+        with self._locked():
+            self._load()
+            self._rewrite()
+
+    def _rewrite(self) -> None:
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         with tmp.open("w", encoding="utf-8", newline="") as f:
             writer = csv.writer(f, lineterminator="\n")

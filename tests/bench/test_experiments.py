@@ -14,8 +14,10 @@ from tests.bench.conftest import FakeEngine
 
 
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
-@pytest.mark.parametrize("mode", ["tiny", "quick", "full"])
+@pytest.mark.parametrize("mode", ["tiny", "quick", "decide", "full"])
 def test_cells_have_unique_keys_and_plan_their_length(name, mode, fake_corpus):
+    if mode not in GRIDS[name]:
+        pytest.skip(f"{name} has no {mode} grid")
     cells = EXPERIMENTS[name].cells(GRIDS[name][mode], fake_corpus, dtype="bfloat16", seed=0)
     keys = [tuple(sorted(c.key.items())) for c in cells]
     assert len(set(keys)) == len(keys) > 0
@@ -57,7 +59,45 @@ def test_reports_from_a_fake_run(tmp_path, fake_corpus):
         pytest.importorskip("matplotlib")
         assert any(p.suffix == ".png" for p in paths)
     passkey = (tmp_path / "passkey" / "tiny_accuracy.md").read_text()
-    assert "| unscaled (plain RoPE) | 1/1 |" in passkey and "| static YaRN x8 (stock vLLM) | 0/1 |" in passkey
+    assert "| unscaled (plain RoPE) | 1/1 [0.21, 1.00] |" in passkey
+    assert "| static YaRN x8 (stock vLLM) | 0/1 [0.00, 0.79] |" in passkey
     short = (tmp_path / "short-context" / "tiny_short_context.csv").read_text().splitlines()
     plugin_1k = next(line for line in short if line.startswith("dynamic-yarn,1024,"))
     assert plugin_1k.split(",")[4:6] == ["0.0", "1"]  # +0 % and the window identical to unscaled
+
+
+def test_the_decision_grid(fake_corpus):
+    """At least 10 trials per passkey cell (prose at 16k only), six documents per perplexity point, and
+    cells of ropeserve policies that ask one engine for the same factor with the same prompt share one
+    request: the plugin at s = 2 is one computation whichever policy chose 2."""
+    from collections import Counter
+
+    from bench.evals.runner import plan_groups
+
+    passkey = EXPERIMENTS["passkey"].cells(GRIDS["passkey"]["decide"], fake_corpus, dtype="bfloat16", seed=0)
+    trials = Counter((c.key["method"], c.key["variant"], c.key["length"]) for c in passkey)
+    assert min(trials.values()) >= 10
+    assert {k[2] for k in trials if k[1] == "prose"} == {16384}
+    assert {k[2] for k in trials if k[1] == "paper"} == {12288, 16384, 24576}
+    perplexity = EXPERIMENTS["perplexity"].cells(GRIDS["perplexity"]["decide"], fake_corpus, dtype="bfloat16",
+                                                 seed=0)
+    documents = Counter((c.key["method"], c.key["length"]) for c in perplexity)
+    assert set(documents.values()) == {6}
+
+    store = _NothingDone()
+    groups = plan_groups([(store, passkey)])
+    plugin = next(inputs for engine, inputs in groups.items() if engine.name.startswith("plugin-dynamic_yarn"))
+    at_12k = [cells for (kind, variant, length, *_), cells in plugin.items() if length == 12288]
+    # 12k: every policy runs at 2 (headroom: 1.25 x 12288 = 15360 <= 16384), so one request serves three cells
+    assert len(at_12k) == 10 and all(len(cells) == 3 for cells in at_12k)
+    at_16k = [cells for (kind, variant, length, *_), cells in plugin.items() if length == 16384]
+    # 16k: plain and fine buckets at 2 (shared), headroom at 4 (its own request)
+    assert sorted(len(cells) for cells in at_16k) == [1] * 20 + [2] * 20
+    for cells in plugin.values():
+        built = {tuple(sorted((c.build().extra_args or {}).items())) for _, c in cells}
+        assert len(built) == 1  # the shared request asks for one factor
+
+
+class _NothingDone:
+    def done(self, key) -> bool:
+        return False

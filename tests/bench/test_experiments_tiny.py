@@ -46,7 +46,8 @@ def test_every_cell_is_stored_and_reported(out):
             assert (out / name / file).stat().st_size > 0
         log = [json.loads(line) for line in (out / name / "runs.jsonl").read_text().splitlines()]
         assert log[-1]["computed_cells"] == 14 and log[-1]["missing_cells"] == 0
-        assert {r["engine"] for r in log[-1]["engine_runs"]} == {"plain", "plugin-dynamic_yarn-x8"}
+        assert {r["engine"] for r in log[-1]["engine_runs"]} == {
+            "plain", "plugin-dynamic_yarn-x8-buckets1-1.41-2-2.83-4-5.66-8"}
     pytest.importorskip("matplotlib")
     assert (out / "perplexity" / "tiny_perplexity.png").stat().st_size > 0
 

@@ -32,8 +32,27 @@ def test_plain_rope_past_l_gets_a_table_that_covers_its_positions():
 
 def test_the_plugin_serves_every_length_with_one_engine():
     plugin = METHODS["dynamic-yarn"]
-    assert {plugin.engine_for(n) for n in (512, 8192, 65536)} == {methods.plugin("dynamic_yarn")}
+    assert {plugin.engine_for(n) for n in (512, 8192, 65536)} == {
+        methods.plugin("dynamic_yarn", buckets=methods.FINE_BUCKETS)}
     assert plugin.scale(8192) == 1.0 and plugin.scale(8193) == 2.0
+    assert plugin.extra_args(8193) == {"rope_factor": 2.0}  # the policy decides, the engine applies
+    assert METHODS["yarn-x8"].extra_args(8193) is None
+
+
+@pytest.mark.parametrize(("context", "plain", "headroom", "fine"), [
+    (8192, 1.0, 1.0, 1.0),          # at or below L every policy is exact: scale 1
+    (10240, 2.0, 2.0, 2 ** 0.5),    # 10240 <= floor(8192 * sqrt 2) = 11585
+    (12288, 2.0, 2.0, 2.0),         # headroom: 1.25 x 12288 = 15360 fits 2
+    (16384, 2.0, 4.0, 2.0),         # headroom: 20480 needs 4
+    (24576, 4.0, 4.0, 4.0),         # 3 x L: the fine bucket 2.83 is too small
+    (32768, 4.0, 8.0, 4.0),
+])
+def test_the_candidate_policies(context, plain, headroom, fine):
+    assert METHODS["dynamic-yarn"].scale(context) == plain
+    assert METHODS["dynamic-yarn-headroom"].scale(context) == headroom
+    assert METHODS["dynamic-yarn-fine"].scale(context) == fine
+    engines = {METHODS[m].engine_for(context) for m in ("dynamic-yarn", "dynamic-yarn-headroom", "dynamic-yarn-fine")}
+    assert len(engines) == 1  # one plugin engine holds every bucket of the three
 
 
 def test_specs():

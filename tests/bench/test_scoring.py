@@ -49,8 +49,31 @@ def test_perplexity_table_is_the_mean_of_per_document_perplexities():
             {"method": "m", "book": "y", "length": "1024", "ppl": "20.0"},
             {"method": "m", "book": "x", "length": "2048", "ppl": "8.0"}]
     table = scoring.perplexity_table(rows)
-    assert table[0] == {"method": "m", "length": 1024, "documents": 2, "ppl_x": 10.0, "ppl_y": 20.0, "ppl": 15.0}
-    assert table[1]["ppl"] == 8.0 and table[1]["documents"] == 1
+    assert table[0] == {"method": "m", "length": 1024, "documents": 2, "ppl_x": 10.0, "ppl_y": 20.0, "ppl": 15.0,
+                        "ppl_sd": pytest.approx(7.0710678), "ppl_min": 10.0, "ppl_max": 20.0}
+    assert table[1]["ppl"] == 8.0 and table[1]["documents"] == 1 and table[1]["ppl_sd"] is None
+
+
+def test_perplexity_documents_are_books_from_each_offset():
+    rows = [{"method": "m", "book": b, "offset": o, "length": "1024", "ppl": str(p)}
+            for b, o, p in (("x", "0", 10.0), ("x", "500", 14.0), ("y", "0", 30.0))]
+    (row,) = scoring.perplexity_table(rows)
+    assert row["documents"] == 3 and row["ppl_x"] == 12.0 and row["ppl_y"] == 30.0
+    assert row["ppl"] == 18.0 and row["ppl_min"] == 10.0 and row["ppl_max"] == 30.0
+
+
+@pytest.mark.parametrize(("passed", "trials", "low", "high"), [
+    # Reference values: Wilson score interval, z = 1.96 (e.g. statsmodels proportion_confint(method="wilson"))
+    (0, 10, 0.0, 0.2775), (5, 10, 0.2366, 0.7634), (10, 10, 0.7225, 1.0), (1, 2, 0.0945, 0.9055),
+    (0, 0, 0.0, 1.0),
+])
+def test_wilson_interval(passed, trials, low, high):
+    assert scoring.wilson_interval(passed, trials) == (pytest.approx(low, abs=1e-4), pytest.approx(high, abs=1e-4))
+
+
+def test_passkey_accuracy_carries_its_interval():
+    table = scoring.passkey_accuracy(ROWS, methods=["b", "a"])
+    assert (table[1]["low"], table[1]["high"]) == scoring.wilson_interval(1, 2)
 
 
 def window(method, length, w, ppl, digest):

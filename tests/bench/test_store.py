@@ -69,3 +69,15 @@ def test_compact_keeps_the_last_row_per_key_sorted_by_number(tmp_path):
 def test_values_with_newlines_are_refused(tmp_path):
     with pytest.raises(ValueError, match="newline"):
         store(tmp_path).add([{"method": "m", "length": 1, "depth": 0.1, "ppl": "a\nb", "passed": True}])
+
+
+def test_two_writers_share_one_store(tmp_path):
+    # Two processes, one engine each, fill one store: neither loses the other's rows when it compacts.
+    a, b = store(tmp_path), store(tmp_path)
+    a.add([{"method": "a", "length": 1, "depth": 0.1, "ppl": 1.0, "passed": True}])
+    b.add([{"method": "b", "length": 1, "depth": 0.1, "ppl": 2.0, "passed": True}])
+    a.compact()
+    b.add([{"method": "b", "length": 2, "depth": 0.1, "ppl": 3.0, "passed": False}])
+    b.compact()
+    assert len(store(tmp_path)) == 3
+    assert [line.split(",")[0] for line in a.path.read_text().splitlines()[1:]] == ["a", "b", "b"]
