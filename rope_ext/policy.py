@@ -104,6 +104,19 @@ def grown_factor(factor: float, length: int, scaling: RopeScaling) -> float | No
     return new if new > factor else None
 
 
+def factor_at(start: float, length: int, scaling: RopeScaling, *, pinned: bool = False) -> float:
+    """The bucket a request that started at ``start`` runs at once it holds ``length`` tokens, growing one
+    token per step as a decoding request does (rule 4 applied at each crossing); ``start`` when it does not
+    grow. For a finished request, ``length`` is its prompt plus its generated tokens minus one (the last
+    token it sampled was never computed)."""
+    factor = start
+    if not grows(scaling, pinned=pinned):
+        return factor
+    while (new := grown_factor(factor, min(length, scaling.capacity(factor) + 1), scaling)) is not None:
+        factor = new
+    return factor
+
+
 def may_outgrow(prompt_tokens: int, max_tokens: int | None, factor: float, scaling: RopeScaling) -> bool:
     """Whether a request admitted at ``factor`` under a growth mode may need a larger bucket later:
     ``prompt + max_tokens`` (unbounded when ``max_tokens`` is None) exceeds the bucket's capacity and a

@@ -1,9 +1,12 @@
-"""Admission of one generation request: the context check and the RoPE factor, decided once, purely.
+"""Admission of one generation request in the gateway: the context check, and the factor it will run at.
 
-Given the prompt's token count (from the engine's ``/tokenize``), the request's ``max_tokens`` (or None) and
-its optional ``rope_factor`` / ``rope_method``, :func:`admit` either refuses the request (400, before it
-reaches an engine) or returns the factor it runs at, from :func:`rope_ext.choose_factor`. The gateway sends
-that factor to the engine as ``vllm_xargs.rope_factor``, so both sides use the same scale::
+The engine decides every request's factor (the plugin's engine-core admission, with
+:mod:`rope_ext.policy`); the gateway only answers what it must before the engine does. Given the prompt's
+token count, the request's ``max_tokens`` (or None) and its optional ``rope_factor`` / ``rope_method``,
+:func:`admit` either refuses the request (400, before it reaches an engine) or returns the factor the engine
+will start it at, by the same call the engine makes (so ``x-rope-factor`` is known before the answer). The
+gateway forwards only the client's own override (``vllm_xargs.rope_factor``); :func:`final_factor` gives
+the factor a finished request ended at, from its usage, by the same rule the engine grows by::
 
     admission = admit(prompt_tokens=12000, max_tokens=256, scaling=scaling)   # Admission(factor=2.0, ...)
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from rope_ext import RopeScaling, choose_factor, planned_length
+from rope_ext.policy import factor_at
 from server.errors import ContextLengthExceeded, InvalidRequest
 
 PLAIN_ROPE = "default"
@@ -24,6 +28,7 @@ class Admission:
     max_tokens: int | None
     planned_tokens: int
     factor: float
+    override: object | None = None  # what the client asked for (forwarded to the engine), None for the policy
 
 
 def resolve_override(rope_factor: object | None, rope_method: str | None, xargs_factor: object | None,
@@ -64,4 +69,12 @@ def admit(prompt_tokens: int, max_tokens: int | None, scaling: RopeScaling, *, o
             f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
             "completion). Please reduce the length of the prompt or max_tokens.", param="max_tokens")
     factor = choose_factor(prompt_tokens, max_tokens, scaling, override=override)
-    return Admission(prompt_tokens, max_tokens, planned_length(prompt_tokens, max_tokens, scaling), factor)
+    return Admission(prompt_tokens, max_tokens, planned_length(prompt_tokens, max_tokens, scaling), factor,
+                     override)
+
+
+def final_factor(admission: Admission, prompt_tokens: int, completion_tokens: int, scaling: RopeScaling) -> float:
+    """The factor a request admitted as ``admission`` ended at, having generated ``completion_tokens``
+    (one choice): it grew through every bucket boundary it crossed, unless pinned or reserved."""
+    length = prompt_tokens + max(completion_tokens - 1, 0)
+    return factor_at(admission.factor, length, scaling, pinned=admission.override is not None)

@@ -3,11 +3,19 @@
 For every request: the prompt's tokens are counted with the served model's tokenizer in the gateway when it
 has one (:class:`server.tokens.LocalTokenCounter`: completion texts and plain chats), otherwise by an
 engine's ``/tokenize`` (which applies the chat template for chat); :func:`server.admission.admit` refuses what cannot fit and chooses the RoPE factor, and
-the request goes to the least-loaded healthy engine with ``vllm_xargs.rope_factor`` set to that factor
-(every other field as the client sent it). Non-streaming answers are returned as the engine wrote them;
+the request goes to the least-loaded healthy engine as the client sent it (a ``rope_factor`` override, or
+``rope_method: "default"``, as ``vllm_xargs.rope_factor``); the engine decides the factor with the same
+policy. Non-streaming answers are returned as the engine wrote them;
 streams are relayed chunk by chunk as they arrive, and closing the client connection closes the engine's
 stream (vLLM then aborts the request); a client that leaves before a non-streaming answer is ready has its
-engine call cancelled the same way (:func:`unless_client_leaves`). Both carry ``x-rope-factor``::
+engine call cancelled the same way (:func:`unless_client_leaves`).
+
+The factor, reported without trailers so that any OpenAI client can read it: ``x-rope-factor`` is the factor
+the request starts at (on every answer, streaming or not). A request that grows past its bucket ends at a
+larger one, known once its usage is: a non-streaming answer (one choice) also carries
+``x-rope-factor-final``, and a stream's usage chunk (``stream_options.include_usage``) carries a top-level
+``"rope_factor": {"start": s, "final": f}``. Both are computed from the usage by
+:func:`server.admission.final_factor`, the engine's own growth rule::
 
     generation = Generation(pool, scaling, "SmolLM2-135M-Instruct", metrics)
     response = await generation.handle("/v1/chat/completions", ChatCompletionRequest(...))
@@ -29,7 +37,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from rope_ext import RopeConfigError, RopeScaling, validate_override
-from server.admission import Admission, admit, resolve_override
+from server.admission import Admission, admit, final_factor, resolve_override
 from server.errors import ClientClosedRequest, EngineError, GatewayError, ModelNotFound, envelope, error_response
 from server.metrics import GatewayMetrics
 from server.schemas import ChatCompletionRequest, CompletionRequest
@@ -39,6 +47,7 @@ from server.upstreams import EnginePool, Lease
 logger = logging.getLogger(__name__)
 
 FACTOR_HEADER = "x-rope-factor"
+FINAL_FACTOR_HEADER = "x-rope-factor-final"
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
 
@@ -111,8 +120,10 @@ class Generation:
         self.metrics.prompt_tokens.labels(route).inc(admission.prompt_tokens)
         body = request.forwarded()
         body["model"] = model
-        xargs["rope_factor"] = admission.factor
-        body["vllm_xargs"] = xargs
+        if override is not None:  # the client's choice; otherwise the engine's policy decides
+            xargs["rope_factor"] = override
+        if xargs:
+            body["vllm_xargs"] = xargs
         return admission, body
 
     @contextlib.contextmanager
@@ -127,10 +138,24 @@ class Generation:
         """Serve one client request of ``route`` (``COMPLETIONS`` or ``CHAT``)."""
         admission, body = await self.admit(route, request)
         headers = {FACTOR_HEADER: format_factor(admission.factor)}
+        single = request.n in (None, 1)
         if request.stream:
-            return await self._stream(route, body, headers)
-        _, raw = await self.post(route, body)
+            return await self._stream(route, body, headers, admission if single else None)
+        data, raw = await self.post(route, body)
+        final = self.final(admission, data.get("usage")) if single else None
+        if final is not None:
+            headers[FINAL_FACTOR_HEADER] = format_factor(final)
         return Response(raw, media_type="application/json", headers=headers)
+
+    def final(self, admission: Admission, usage: Any) -> float | None:
+        """The factor a finished request ended at, from its usage (recorded in the metrics), or None."""
+        if not isinstance(usage, dict) or not isinstance(usage.get("completion_tokens"), int):
+            return None
+        prompt = usage.get("prompt_tokens")
+        final = final_factor(admission, prompt if isinstance(prompt, int) else admission.prompt_tokens,
+                             usage["completion_tokens"], self.scaling)
+        self.metrics.rope_factor_final.observe(final)
+        return final
 
     async def complete(self, metrics_route: str, request: CompletionRequest) -> tuple[Admission, dict[str, Any]]:
         """A non-streaming completion made by the gateway itself (the passkey check), admitted like any
@@ -151,7 +176,8 @@ class Generation:
         self._count_usage(metrics_route or route, data)
         return data, response.content
 
-    async def _stream(self, route: str, body: dict[str, Any], headers: dict[str, str]) -> Response:
+    async def _stream(self, route: str, body: dict[str, Any], headers: dict[str, str],
+                      admission: Admission | None) -> Response:
         lease, response = await self.pool.send(
             lambda engine: engine.client.build_request("POST", route, json=body), stream=True)
         if response.status_code >= 400:
@@ -162,7 +188,7 @@ class Generation:
                 lease.release()
             raise EngineError(response.status_code, content)
         headers = {**headers, "cache-control": "no-cache", "x-accel-buffering": "no"}
-        scanner = UsageScanner()
+        scanner = UsageScanner(None if admission is None else lambda usage: self._factor_field(admission, usage))
 
         async def close() -> None:
             """Close the engine stream and end the lease, once, however the relay ends (also when it never
@@ -183,8 +209,10 @@ class Generation:
         started = time.monotonic()
         try:
             async for chunk in response.aiter_bytes():  # as they arrive (decoded if the engine compressed)
-                scanner.feed(chunk)
-                yield chunk
+                if out := scanner.feed(chunk):
+                    yield out
+            if rest := scanner.flush():
+                yield rest
         except httpx.TimeoutException:
             timeout = lease.engine.client.timeout.read
             logger.warning("engine %s sent nothing for %s s mid-stream; ending the stream", lease.engine.url,
@@ -200,6 +228,10 @@ class Generation:
             yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
         finally:
             await close()
+
+    def _factor_field(self, admission: Admission, usage: dict[str, Any]) -> dict[str, float] | None:
+        final = self.final(admission, usage)
+        return None if final is None else {"start": admission.factor, "final": final}
 
     def _count_usage(self, route: str, data: Any) -> None:
         usage = data.get("usage") if isinstance(data, dict) else None
@@ -238,23 +270,44 @@ async def unless_client_leaves(receive: Receive, work: Awaitable[Response]) -> R
 
 
 class UsageScanner:
-    """Reads the ``usage`` of an SSE stream from copies of its chunks (the relay never waits for it)."""
+    """Reads the ``usage`` of an SSE stream as it is relayed, and adds the request's ``rope_factor`` to the
+    chunk that carries it (``annotate(usage)`` gives the field, or None). Other lines pass through
+    untouched; a line is sent on once it is whole (vLLM writes whole events, so nothing waits)."""
 
-    def __init__(self) -> None:
+    def __init__(self, annotate: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None) -> None:
         self._pending = b""
+        self._annotate = annotate
         self.completion_tokens: int | None = None
 
-    def feed(self, chunk: bytes) -> None:
-        lines = (self._pending + chunk).split(b"\n")
-        self._pending = lines.pop()
-        for line in lines:
-            if line.startswith(b"data:") and b'"completion_tokens"' in line:
-                try:
-                    usage = json.loads(line[5:]).get("usage")
-                except (ValueError, AttributeError):
-                    continue
-                if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
-                    self.completion_tokens = usage["completion_tokens"]
+    def feed(self, chunk: bytes) -> bytes:
+        """The bytes to send on for ``chunk`` (the same bytes, unless a usage line was rewritten)."""
+        data = self._pending + chunk
+        head, newline, self._pending = data.rpartition(b"\n")  # a line still arriving waits until it is whole
+        data = head + newline
+        if b'"completion_tokens"' not in data:
+            return data
+        return b"\n".join(self._line(line) for line in data.split(b"\n"))
+
+    def flush(self) -> bytes:
+        rest, self._pending = self._pending, b""
+        return rest
+
+    def _line(self, line: bytes) -> bytes:
+        if not (line.startswith(b"data:") and b'"completion_tokens"' in line):
+            return line
+        try:
+            event = json.loads(line[5:])
+            usage = event.get("usage")
+        except (ValueError, AttributeError):
+            return line
+        if not isinstance(usage, dict) or not isinstance(usage.get("completion_tokens"), int):
+            return line
+        self.completion_tokens = usage["completion_tokens"]
+        field = self._annotate(usage) if self._annotate is not None else None
+        if field is None:
+            return line
+        event["rope_factor"] = field
+        return b"data: " + json.dumps(event, separators=(",", ":")).encode()
 
 
 class RelayResponse(StreamingResponse):

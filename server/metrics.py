@@ -63,8 +63,12 @@ class GatewayMetrics:
         self.generated_tokens = Counter(
             f"{NAMESPACE}_generated_tokens", "Generated tokens reported by the engines' usage (streams: when "
             "stream_options.include_usage is set).", ["route"], registry=r)
-        self.rope_factor = Histogram(f"{NAMESPACE}_rope_factor", "RoPE scale factor chosen per request.",
-                                     buckets=tuple(sorted(set(factor_buckets))), registry=r)
+        buckets = tuple(sorted(set(factor_buckets)))
+        self.rope_factor = Histogram(f"{NAMESPACE}_rope_factor", "RoPE scale factor each request starts at.",
+                                     buckets=buckets, registry=r)
+        self.rope_factor_final = Histogram(
+            f"{NAMESPACE}_rope_factor_final", "RoPE scale factor each finished request ended at (it grows past "
+            "the bucket boundaries it crosses); known from its usage.", buckets=buckets, registry=r)
         self.rejected = Counter(f"{NAMESPACE}_admission_rejections",
                                 "Requests refused before any engine (context exceeded, invalid RoPE override).",
                                 registry=r)

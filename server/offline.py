@@ -8,7 +8,11 @@ of batches::
     results = run_offline(EngineSpec(model=DIR, dtype="float32", hf_overrides={...}),
                           [[Request(prompt_token_ids=ids, max_tokens=8)], ...])
 
-Within one batch all requests are submitted together, so they share engine steps.
+Within one batch all requests are submitted together, so they share engine steps. With
+``counters=True`` the plugin's counters at the end of the run come back too (``rope_ext.vllm_plugin.stats``:
+requests admitted and tokens scheduled and computed at each bucket)::
+
+    results, counters = run_offline(spec, batches, counters=True)    # counters["computed"][k]: bucket k
 """
 
 from __future__ import annotations
@@ -120,8 +124,15 @@ def _run_in_child(spec: dict, batches: list[list[dict]]) -> list[list[dict]]:
     return out
 
 
-def run_offline(spec: EngineSpec, batches: list[list[Request]], *, timeout: float = 1800) -> list[list[Result]]:
-    """Start one engine with ``spec`` in a child process, run ``batches`` in order, return their results."""
+def _counters() -> dict[str, list[int]]:
+    from rope_ext.vllm_plugin.stats import read_counters
+
+    return {kind: values.tolist() for kind, values in read_counters().items()}
+
+
+def run_offline(spec: EngineSpec, batches: list[list[Request]], *, timeout: float = 1800, counters: bool = False):
+    """Start one engine with ``spec`` in a child process, run ``batches`` in order, return their results
+    (and, with ``counters``, the plugin's counters after the last batch)."""
     with tempfile.TemporaryDirectory(prefix="ropeserve-offline-") as tmp:
         job, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job.write_text(json.dumps({"spec": dataclasses.asdict(spec),
@@ -133,15 +144,18 @@ def run_offline(spec: EngineSpec, batches: list[list[Request]], *, timeout: floa
         # non-zero exit means vLLM died in its teardown ("terminate called without an active exception",
         # seen on busy 2-core machines): the results are complete and are kept.
         if not result.exists():
-            raise RuntimeError(f"offline engine failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
+            raise RuntimeError(f"offline engine failed (exit {proc.returncode}):\n{proc.stdout[-6000:]}\n"
+                               f"{proc.stderr[-6000:]}")
         raw = json.loads(result.read_text())
-    return [[Result(**r) for r in batch] for batch in raw]
+    results = [[Result(**r) for r in batch] for batch in raw["batches"]]
+    return (results, raw["counters"]) if counters else results
 
 
 def main(job_path: str, result_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
     partial = Path(result_path + ".partial")
-    partial.write_text(json.dumps(_run_in_child(job["spec"], job["batches"])))
+    batches = _run_in_child(job["spec"], job["batches"])
+    partial.write_text(json.dumps({"batches": batches, "counters": _counters()}))
     os.replace(partial, result_path)
 
 

@@ -127,12 +127,14 @@ class GatewaySettings(BaseSettings):
         512, ge=0, description="Tokens assumed for generation when a request does not set max_tokens.")
     rope_finetuned_factor: float = Field(
         1.0, ge=1, description="Factor the model was fine-tuned at with YaRN; no request runs below it.")
-    rope_growth: Literal["reserve", "rerotate"] = Field(
-        "reserve", description="How a request's generation is provided for. `reserve`: its factor is chosen "
-        "for prompt + max_tokens up front. `rerotate`: it starts at the factor of its prompt and, when it outgrows "
-        "that bucket, the engine re-rotates its cached keys to the next one (the x-rope-factor header gives the "
-        "starting factor; vLLM CPU only: the plugin refuses to start `rerotate` on other devices). The engines "
-        "must be started with the same `growth` in rope_parameters (the embedded engine is).")
+    rope_growth: Literal["recompute", "reserve", "rerotate"] = Field(
+        "reserve", description="How a request's generation is provided for. `recompute`: it starts at the factor "
+        "of its prompt and, when it is about to outgrow that bucket, the engine computes it again at the bucket "
+        "its length needs (vLLM's recompute preemption, exactly a fresh request at the new scale). `reserve`: "
+        "its factor is chosen for prompt + max_tokens (or the generation reserve) up front and kept. `rerotate`: "
+        "like `recompute`, but the engine re-rotates its cached keys instead (vLLM CPU only). x-rope-factor "
+        "gives the starting factor, x-rope-factor-final the final one. The engines must be started with the "
+        "same `growth` in rope_parameters (the embedded engine is).")
     rope_theta: float | None = Field(
         None, gt=1, description="RoPE base written into the embedded engine's rope_parameters. Default: "
         "rope_theta of the model's config.json.")

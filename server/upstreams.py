@@ -5,7 +5,12 @@ flight (ties: the one picked least recently). A background loop calls ``GET /hea
 ``health_interval_s``; after ``eject_after_failures`` failures in a row an engine is taken out, and a
 refused connection while forwarding takes it out at once (the request then tries the next engine: it never
 reached the refused one). One passing check puts it back, once its ``/v1/models`` confirms it serves the
-gateway's model at the gateway's maximum context, so gateway and engine agree on the context::
+gateway's model at the gateway's maximum context, so gateway and engine agree on the context.
+
+Every check also reads the engine's ``/metrics`` for the rope plugin's evidence (:func:`rope_evidence`):
+an engine without the plugin's metrics is misconfigured (it would serve every request with plain RoPE),
+and one whose scheduler reports tokens at scaled factors while its workers report none computed fails
+the check (the plugin's hook is not applied), so it leaves rotation like an engine that fails ``/health``::
 
     pool = EnginePool.from_settings(settings)
     await pool.start()
@@ -27,6 +32,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from server.errors import EngineConnectionLost, EngineError, EngineTimeout, NoEngineAvailable
 from server.settings import GatewaySettings
@@ -146,6 +152,7 @@ class EnginePool:
                 raise _CheckFailed(f"GET /health answered {response.status_code}")
             if not engine.healthy:
                 await self._verify_model(engine)
+            await self._verify_rope(engine)
         except _Misconfigured as exc:
             if engine.state != "misconfigured":
                 logger.error("engine %s is misconfigured and stays out of rotation: %s", engine.url, exc)
@@ -173,6 +180,19 @@ class EnginePool:
         if card.get("max_model_len") != self.max_model_len:
             raise _Misconfigured(f"its max_model_len is {card.get('max_model_len')}, the gateway's RoPE "
                                  f"settings give {self.max_model_len}")
+
+    async def _verify_rope(self, engine: Engine) -> None:
+        response = await engine.client.get("/metrics", timeout=self.health_timeout_s)
+        if response.status_code != 200:
+            raise _CheckFailed(f"GET /metrics answered {response.status_code}")
+        evidence = rope_evidence(response.text)
+        if evidence is None:
+            raise _Misconfigured("it exports no ropeserve_engine_rope_* metrics: the rope plugin is not installed "
+                                 "or not active there, so every request would run with plain RoPE")
+        scheduled, computed = evidence
+        if scheduled > 0 and computed == 0:
+            raise _CheckFailed(f"it scheduled {scheduled} tokens at scaled RoPE factors but computed none at "
+                               "them: the rope plugin's hook is not applied")
 
     def _failed(self, engine: Engine, reason: str) -> None:
         engine.failures += 1
@@ -252,6 +272,25 @@ class EnginePool:
 
     def status(self) -> list[dict[str, Any]]:
         return [engine.status() for engine in self.engines]
+
+
+def rope_evidence(metrics_text: str) -> tuple[int, int] | None:
+    """Tokens an engine scheduled and computed at factors above 1, from its ``/metrics``, or None when it
+    exports neither counter (no rope plugin)."""
+    lines = "\n".join(line for line in metrics_text.splitlines()
+                      if line.startswith(("ropeserve_engine_rope_tokens", "ropeserve_engine_rope_scheduled_tokens",
+                                          "# TYPE ropeserve_engine_rope_")))
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(lines):
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.labels.get("factor") not in (None, "1"):
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+            elif sample.name.endswith("_total"):
+                totals.setdefault(sample.name, 0.0)
+    names = ("ropeserve_engine_rope_scheduled_tokens_total", "ropeserve_engine_rope_tokens_total")
+    if not all(name in totals for name in names):
+        return None
+    return int(totals[names[0]]), int(totals[names[1]])
 
 
 class _CheckFailed(Exception):

@@ -13,9 +13,11 @@ or set ``ROPESERVE_DYNAMIC_ROPE=1`` to make a model whose own config says ``yarn
 may ask for a factor with ``vllm_xargs={"rope_factor": 4}``.
 
 Pieces: :mod:`.config` (which models, which settings), :mod:`.rotary` (stacked bucket tables),
-:mod:`.admission` (the policy at admission, prefix-cache salt), :mod:`.runner` (per-token row offsets),
-:mod:`.regrow` (opt-in growth: re-rotating a request's cached keys into a larger bucket),
-:mod:`.metrics`, :mod:`.compat` (the vLLM internals relied on, checked).
+:mod:`.admission` (each request's factor and cache salt, fixed in the engine core), :mod:`.scheduler`
+(growth into larger buckets; each step's factors for the workers), :mod:`.runner` (per-token row offsets),
+:mod:`.regrow` (growth by re-rotating cached keys), :mod:`.checks` (unsupported set-ups refused at
+start-up), :mod:`.stats` (counters shared by vLLM's processes, on ``/metrics``), :mod:`.compat` (every
+vLLM internal the plugin touches, checked).
 """
 
 from __future__ import annotations
@@ -34,17 +36,24 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from rope_ext.vllm_plugin.admission import patch_input_processor, patch_output_processor
+    from rope_ext.vllm_plugin import stats
+    from rope_ext.vllm_plugin.admission import patch_engine_core, patch_input_processor
+    from rope_ext.vllm_plugin.checks import patch_worker
     from rope_ext.vllm_plugin.compat import check_internals
     from rope_ext.vllm_plugin.runner import patch_model_runner
+    from rope_ext.vllm_plugin.scheduler import patch_scheduler
 
     check_internals()
-    # Per-token offsets are written by the V1 model runner; V2 (the CUDA default when Triton is
-    # present) is not patched yet, so the plugin selects V1 unless the user chose explicitly.
+    # Per-token offsets are written by the V1 model runner; the V2 runner (the CUDA default when Triton is
+    # present) is refused at start-up (.checks), so the plugin selects V1 unless the user chose explicitly.
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    stats.metrics_dir()  # the first process of a server creates it; the processes it starts inherit it
+    stats.register_collector()
     patch_get_rope()
     patch_input_processor()
-    patch_output_processor()
+    patch_engine_core()
+    patch_scheduler()
+    patch_worker()
     patch_model_runner()
     _registered = True
     logger.debug("ropeserve rope plugin registered")
@@ -72,8 +81,12 @@ def patch_get_rope() -> None:
         if dual_chunk_attention_config is None:
             scaling = scaling_from_rope_parameters(rope_parameters, max_position)
         if scaling is None:
-            return original(head_size, max_position, is_neox_style, rope_parameters, dtype,
-                            dual_chunk_attention_config, **kwargs)
+            from rope_ext.vllm_plugin.checks import PLAIN_ROTARY_MODULES
+
+            module = original(head_size, max_position, is_neox_style, rope_parameters, dtype,
+                              dual_chunk_attention_config, **kwargs)
+            PLAIN_ROTARY_MODULES.add(module)  # a layer the model's config leaves unscaled
+            return module
         return _build_rotary(cache, head_size, max_position, is_neox_style, rope_parameters, dtype, scaling)
 
     get_rope._ropeserve = True
@@ -92,16 +105,19 @@ def _build_rotary(cache, head_size, max_position, is_neox_style, rope_parameters
     dtype = dtype or torch.get_default_dtype()
     rotary_dim = rope_parameters.get("rope_dim") or int(
         head_size * rope_parameters.get("partial_rotary_factor", 1.0))
+    base = float(rope_parameters.get("rope_theta", 10000))
     vllm_config = get_current_vllm_config()
     max_model_len = vllm_config.model_config.max_model_len
     rows_per_bucket = max(max_model_len, scaling.max_context)
     scheduler = vllm_config.scheduler_config
     max_num_tokens = max(scheduler.max_num_batched_tokens, max_model_len) + scheduler.max_num_seqs
-    key = (head_size, rotary_dim, is_neox_style, scaling, dtype, rows_per_bucket, max_num_tokens)
+    # Everything the table depends on is in the key, the base included: layer types with different bases
+    # (Gemma 3's local and global layers) get tables of their own.
+    key = (head_size, rotary_dim, base, is_neox_style, scaling, dtype, rows_per_bucket, max_num_tokens)
     if key not in cache:
         cache[key] = PerRequestRotaryEmbedding(
-            head_size, rotary_dim, float(rope_parameters.get("rope_theta", 10000)), is_neox_style, dtype,
+            head_size, rotary_dim, base, is_neox_style, dtype,
             scaling=scaling, rows_per_bucket=rows_per_bucket, max_num_tokens=max_num_tokens)
-        logger.info("ropeserve: per-request %s, L=%d, buckets %s, %d rows per bucket", scaling.method,
-                    scaling.original_max_position, list(scaling.buckets), rows_per_bucket)
+        logger.info("ropeserve: per-request %s, L=%d, base %g, buckets %s, %d rows per bucket", scaling.method,
+                    scaling.original_max_position, base, list(scaling.buckets), rows_per_bucket)
     return cache[key]

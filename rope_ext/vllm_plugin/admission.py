@@ -1,35 +1,61 @@
-"""Admission: each request's scale is decided once, in vLLM's ``InputProcessor``, by the rope_ext policy.
+"""Admission: each request's starting scale and prefix-cache salt, fixed where every request enters the
+engine core.
 
-``process_inputs`` builds the ``EngineCoreRequest`` in the front-end process (API server or ``vllm.LLM``).
-We wrap it: the policy reads the prompt length, ``max_tokens`` and an optional override
-``vllm_xargs={"rope_factor": s}``, and the chosen factor is written into
-``sampling_params.extra_args["rope_factor"]`` (with ``"rope_capacity"``, the tokens it may hold before it
-outgrows its bucket), where the model runner reads it for every step.
+``EngineCore.preprocess_add_request`` turns every ``EngineCoreRequest`` into the scheduler's ``Request``
+(from the OpenAI front-end, ``vllm.LLM``, another front-end, or a client of the engine core itself), and
+the ``Request`` hashes its prefix-cache blocks as it is built. We wrap it: :func:`admit` asks
+:func:`rope_ext.choose_factor` for the request's factor (from its prompt length, its ``max_tokens`` and an
+optional override ``vllm_xargs={"rope_factor": s}``) and salts its cache, before the blocks are hashed.
+The factor is recorded in the request (``request.ropeserve``, a :class:`RopeState`, and
+``sampling_params.extra_args["rope_factor"]``); from there the scheduler (:mod:`.scheduler`) grows it and
+tells the workers every request's factor. Nothing else decides a factor.
 
-``max_tokens``: vLLM fills a missing ``max_tokens`` with the remaining context before we see it, so a
-``max_tokens`` that reaches ``max_model_len`` is read as "not set" and the generation reserve is used.
+``max_tokens``: vLLM fills a missing ``max_tokens`` with the remaining context before the engine core sees
+it, so a ``max_tokens`` that reaches ``max_model_len`` is read as "not set" (under ``growth="reserve"``
+the generation reserve is then used; the growth modes read the prompt alone).
 
 Prefix caching: vLLM's block hash covers tokens, LoRA, multimodal inputs and ``cache_salt``, not RoPE.
 Keys cached at one scale are wrong at another, so a request at a factor other than 1 gets its factor
-appended to its ``cache_salt``: blocks are shared only between requests at the same scale. Factor-1
-requests keep their salt, sharing blocks with each other exactly as stock vLLM does. Under
-``growth: "rerotate"`` a request that may outgrow its bucket gets a salt of its own (see ``.regrow``).
+appended to its ``cache_salt``: blocks are shared only between requests at the same scale, and factor-1
+requests share blocks with each other exactly as stock vLLM does. A request that grows is re-salted for
+its new scale (:func:`salt_for`); under ``growth="rerotate"`` a request that may grow gets a salt of its
+own instead (its blocks are rotated in place, so they must never be shared).
+
+Streaming-input sessions (``resumable`` requests) are admitted once, by their first chunk; later chunks
+keep the session's scale (and grow it like any request).
+
+The front-end keeps one job: an invalid override is a 400 there (:func:`patch_input_processor`), before
+the request reaches the engine core, with the same validation (:func:`rope_ext.validate_override`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import uuid
 
-from rope_ext import RopeConfigError, RopeScaling, choose_factor
+from rope_ext import RopeConfigError, RopeScaling, choose_factor, validate_override
+from rope_ext.policy import grows, may_outgrow
+from rope_ext.vllm_plugin import stats
 from rope_ext.vllm_plugin.config import scaling_for_model
-from rope_ext.vllm_plugin.metrics import rope_metrics
-from rope_ext.vllm_plugin.regrow import GROWTH_KEY, growable_salt, plan_growth
 
 logger = logging.getLogger("vllm.ropeserve")
 
 FACTOR_KEY = "rope_factor"
-CAPACITY_KEY = "rope_capacity"  # tokens the request may hold before it outgrows its bucket (L * s)
 _UNSET = object()
+
+
+@dataclasses.dataclass
+class RopeState:
+    """A request's scale in the engine core: the bucket it runs at now, the one it started at, whether an
+    override pins it, whether it may grow, and the cache salt the client gave."""
+
+    factor: float
+    start: float
+    pinned: bool
+    growable: bool
+    client_salt: str | None
+    overflowed: bool = False
 
 
 def salt_for(cache_salt: str | None, factor: float) -> str | None:
@@ -39,6 +65,11 @@ def salt_for(cache_salt: str | None, factor: float) -> str | None:
     return f"{cache_salt or ''}|ropeserve-rope-factor={factor!r}"
 
 
+def private_salt(cache_salt: str | None) -> str:
+    """A cache salt no other request has (growth by re-rotation: such blocks are never shared)."""
+    return f"{cache_salt or ''}|ropeserve-rerotate={uuid.uuid4().hex}"
+
+
 def requested_max_tokens(prompt_len: int, max_tokens: int | None, max_model_len: int) -> int | None:
     """``max_tokens`` as the client set it, or None when vLLM filled it with the remaining context."""
     if max_tokens is None or prompt_len + max_tokens >= max_model_len:
@@ -46,41 +77,80 @@ def requested_max_tokens(prompt_len: int, max_tokens: int | None, max_model_len:
     return max_tokens
 
 
-def admit(request, scaling: RopeScaling, max_model_len: int) -> float | None:
-    """Choose the request's factor and record it in the request (extra_args, cache_salt)."""
-    params = request.sampling_params
-    if params is None:  # pooling requests carry no generation; they run at scale 1 (no extra_args)
-        return None
+def prompt_length(request) -> int:
     if request.prompt_token_ids is not None:
-        prompt_len = len(request.prompt_token_ids)
-    else:
-        prompt_len = int(request.prompt_embeds.shape[0])
-    extra = dict(params.extra_args or {})
-    override = extra.get(FACTOR_KEY)
-    max_tokens = requested_max_tokens(prompt_len, params.max_tokens, max_model_len)
-    growable = False
-    try:
-        factor = choose_factor(prompt_len, max_tokens, scaling, override=override)
-        if scaling.growth == "rerotate":  # see .regrow: larger buckets as the request grows
-            factor, growable = plan_growth(scaling, factor, prompt_len, max_tokens, n=params.n, override=override)
-    except RopeConfigError as exc:
-        from vllm.exceptions import VLLMValidationError
+        return len(request.prompt_token_ids)
+    return int(request.prompt_embeds.shape[0])
 
-        raise VLLMValidationError(str(exc), parameter=FACTOR_KEY, value=override) from exc
-    extra[FACTOR_KEY] = factor
-    # A growable request outgrows its bucket for good only past the largest one.
-    extra[CAPACITY_KEY] = scaling.capacity(scaling.buckets[-1] if growable else factor)
-    if growable:
-        extra[GROWTH_KEY] = True
-    params.extra_args = extra
-    request.cache_salt = growable_salt(request.cache_salt) if growable else salt_for(request.cache_salt, factor)
-    rope_metrics()[0].observe(factor)
-    logger.debug("request %s: prompt %d tokens, max_tokens %s, override %s -> rope factor %s",
-                 request.request_id, prompt_len, params.max_tokens, override, factor)
-    return factor
+
+def admit(request, scaling: RopeScaling, max_model_len: int) -> RopeState:
+    """Choose an ``EngineCoreRequest``'s factor, salt its cache and record the factor in its sampling
+    parameters; raises :class:`RopeConfigError` for an invalid override."""
+    params = request.sampling_params
+    prompt_len = prompt_length(request)
+    extra = dict(params.extra_args or {}) if params is not None else {}
+    override = extra.get(FACTOR_KEY)
+    max_tokens = requested_max_tokens(prompt_len, params.max_tokens, max_model_len) if params is not None else 0
+    factor = choose_factor(prompt_len, max_tokens, scaling, override=override)
+    pinned = override is not None
+    growable = grows(scaling, pinned=pinned) and may_outgrow(prompt_len, max_tokens, factor, scaling)
+    state = RopeState(factor, factor, pinned, growable, request.cache_salt)
+    if scaling.growth == "rerotate" and growable:
+        request.cache_salt = private_salt(request.cache_salt)
+    else:
+        request.cache_salt = salt_for(request.cache_salt, factor)
+    if params is not None:
+        params.extra_args = {**extra, FACTOR_KEY: factor}
+    logger.debug("request %s: prompt %d tokens, max_tokens %s, override %s -> rope factor %s%s",
+                 request.request_id, prompt_len, max_tokens, override, factor, " (may grow)" if growable else "")
+    return state
+
+
+class EngineRope:
+    """The engine core's view of a dynamic model: its scaling, served context and admissions counter."""
+
+    def __init__(self, scaling: RopeScaling, max_model_len: int) -> None:
+        self.scaling = scaling
+        self.max_model_len = max_model_len
+        self.admitted = stats.counters(stats.ADMITTED)
+        stats.write_buckets(scaling.buckets)
+
+    def index(self, factor: float) -> int:
+        return self.scaling.buckets.index(factor)
+
+
+def is_continuation(scheduler, request) -> bool:
+    """A later chunk of a streaming-input session the scheduler already holds."""
+    return bool(getattr(request, "resumable", False)) and request.request_id in scheduler.requests
+
+
+def patch_engine_core() -> None:
+    """Admit every request in ``EngineCore.preprocess_add_request`` (see the module docstring)."""
+    from vllm.v1.engine.core import EngineCore
+
+    original = EngineCore.preprocess_add_request
+    if getattr(original, "_ropeserve", False):
+        return
+
+    def preprocess_add_request(self, request):
+        from rope_ext.vllm_plugin.scheduler import scheduler_state
+
+        scheduler_rope = scheduler_state(self.scheduler)
+        if scheduler_rope is None or is_continuation(self.scheduler, request):
+            return original(self, request)
+        rope = scheduler_rope.rope
+        state = admit(request, rope.scaling, rope.max_model_len)  # RopeConfigError: the request fails alone
+        req, wave = original(self, request)
+        req.ropeserve = state
+        return req, wave
+
+    preprocess_add_request._ropeserve = True
+    preprocess_add_request.__wrapped__ = original
+    EngineCore.preprocess_add_request = preprocess_add_request
 
 
 def patch_input_processor() -> None:
+    """The front-end's one job: an invalid ``rope_factor`` is a 400 before the request goes anywhere."""
     from vllm.v1.engine.input_processor import InputProcessor
 
     original = InputProcessor.process_inputs
@@ -89,41 +159,20 @@ def patch_input_processor() -> None:
 
     def process_inputs(self, *args, **kwargs):
         request = original(self, *args, **kwargs)
-        scaling = getattr(self, "_ropeserve_scaling", _UNSET)
+        scaling = self.__dict__.get("_ropeserve_scaling", _UNSET)
         if scaling is _UNSET:
             scaling = self._ropeserve_scaling = scaling_for_model(self.model_config)
-        if scaling is not None:
-            admit(request, scaling, self.model_config.max_model_len)
+        params = request.sampling_params
+        override = (params.extra_args or {}).get(FACTOR_KEY) if params is not None else None
+        if scaling is not None and override is not None:
+            try:
+                validate_override(override, scaling)
+            except RopeConfigError as exc:
+                from vllm.exceptions import VLLMValidationError
+
+                raise VLLMValidationError(str(exc), parameter=FACTOR_KEY, value=override) from exc
         return request
 
     process_inputs._ropeserve = True
     process_inputs.__wrapped__ = original
     InputProcessor.process_inputs = process_inputs
-
-
-def patch_output_processor() -> None:
-    """Count requests that finished past their bucket's capacity (they kept their scale)."""
-    from vllm.v1.engine.output_processor import OutputProcessor
-
-    if getattr(OutputProcessor._finish_request, "_ropeserve", False):
-        return
-    original_add, original_finish = OutputProcessor.add_request, OutputProcessor._finish_request
-
-    def add_request(self, request, *args, **kwargs) -> None:
-        original_add(self, request, *args, **kwargs)
-        state = self.request_states.get(request.request_id)
-        extra = request.sampling_params.extra_args if request.sampling_params is not None else None
-        if state is not None and extra and CAPACITY_KEY in extra:
-            state._ropeserve_capacity = extra[CAPACITY_KEY]
-
-    def _finish_request(self, req_state) -> None:
-        original_finish(self, req_state)
-        capacity = getattr(req_state, "_ropeserve_capacity", None)
-        if capacity is None or req_state.detokenizer is None:
-            return
-        if req_state.prompt_len + req_state.detokenizer.num_output_tokens() > capacity:
-            rope_metrics()[1].inc()
-
-    add_request.__wrapped__, _finish_request.__wrapped__ = original_add, original_finish
-    _finish_request._ropeserve = True
-    OutputProcessor.add_request, OutputProcessor._finish_request = add_request, _finish_request

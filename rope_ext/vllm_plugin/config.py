@@ -7,9 +7,9 @@ its ``factor`` becomes the maximum factor. Every other model is left to vLLM unt
 
 Keys read (besides vLLM's own): ``factor`` (maximum factor; vLLM then serves ``max_position_embeddings
 * factor`` tokens), ``original_max_position_embeddings`` (L; default ``max_position_embeddings``),
-``buckets``, ``generation_reserve``, ``finetuned_factor``, ``growth`` (``"reserve"`` or ``"rerotate"``, see
-:mod:`.regrow`), and YaRN's knobs. Invalid values raise
-``rope_ext.RopeConfigError`` naming the field, exactly as ``rope_ext`` does.
+``buckets``, ``generation_reserve``, ``finetuned_factor``, ``headroom``, ``growth`` (``"reserve"``,
+``"recompute"`` or ``"rerotate"``, see :mod:`rope_ext.policy` and :mod:`.scheduler`), and YaRN's knobs.
+Invalid values raise ``rope_ext.RopeConfigError`` naming the field, exactly as ``rope_ext`` does.
 """
 
 from __future__ import annotations

@@ -1,19 +1,17 @@
-"""Growing a request's RoPE scale (``growth: "rerotate"``): re-rotate its cached keys in every layer, then go on.
+"""Growth by re-rotation (``growth: "rerotate"``): convert a request's cached keys to a larger bucket in place.
 
-With ``growth: "rerotate"`` in the model's RoPE parameters, a request is admitted at the smallest bucket that
-fits its prompt. When a step would take it past its bucket's capacity ``L * s_k``, the model-runner hook
-(:mod:`.runner`) calls :meth:`Regrower.grow` before the step runs: every cached key of the request, in
-every attention layer, is converted from s_k to the smallest bucket s that holds the new length (one
-rotation per rotary pair by the angle difference, times ``m(s) / m(s_k)``: :mod:`rope_ext.rerotate`),
-values untouched, and the request's factor in its ``extra_args`` becomes s, so this step's tokens and all
-later ones are rotated at s. Default ``growth: "reserve"``: none of this runs.
+The scheduler decides when a request grows (:mod:`.scheduler`) and tells the workers which requests to
+convert in the step's ``ropeserve.rerotate``; before that step runs, :meth:`Regrower.apply` converts every
+cached key of each, in every attention layer, from s_k to the new bucket s (one rotation per rotary pair by
+the angle difference, times ``m(s) / m(s_k)``: :mod:`rope_ext.rerotate`), values untouched. This step's
+tokens and all later ones are rotated at s.
 
 What the re-rotation does and does not give: keys then carry the new scale's positions exactly (float32
 rounding), but the keys and values of earlier tokens in layers >= 1 were computed from hidden states
 that attended at the old scale. The result is therefore the paper's Dynamic Scaling with keys cached
 before RoPE (the YaRN paper, section 3.3), not a fresh prefill at the new scale; tests/plugin/
 test_engine_regrow.py checks the former against an independent oracle (float32 tolerance) and measures
-the gap to the latter.
+the gap to the latter. (The default growth mode, ``"recompute"``, gives the latter exactly.)
 
 Where the keys are: a layer's cache tensor (``static_forward_context[name].kv_cache``) holds blocks whose
 interior layout depends on the backend and, on CPU, on the ISA and dtype (vLLM 0.32's CPU ``vec`` layout
@@ -25,22 +23,18 @@ its ``CachedRequestState.block_ids`` (token j lives in block ``block_ids[j // bl
 runs in ``_prepare_inputs``, after the previous step's forward has written its keys (the CPU platform
 turns vLLM's asynchronous scheduling off).
 
-Prefix caching: a block re-rotated for one request must never serve another. At admission
-(:func:`plan_growth`, :func:`growable_salt`) a request that may outgrow its bucket gets a cache salt of
-its own: it neither reads other requests' blocks nor leaves blocks another request could hit, so no
-block it rotates is shared and none needs copying. The price: such requests get no prefix-cache hits. Requests that cannot
-outgrow their bucket (their ``max_tokens`` fits) keep sharing per scale as before. Parallel sampling
-(``n > 1``) shares the prompt's blocks between its children, so such requests are not grown: they
-reserve up front.
+Prefix caching: a block re-rotated for one request must never serve another, so at admission a request
+that may grow gets a cache salt of its own (:func:`rope_ext.vllm_plugin.admission.private_salt`): it
+neither reads other requests' blocks nor leaves blocks another request could hit. The price: such
+requests get no prefix-cache hits.
 
 The conversion per layer: gather the request's blocks, convert the keys in float32 with vLLM's stock
 rotary kernel (``ops.rotary_embedding``, the keys passed as its query, the delta table as its cos/sin
 cache), round once to the cache dtype, write back.
 
 Scope: vLLM's CPU attention backend with an unquantized KV cache, full-attention layers only (checked
-at the engine's first step; anything else raises :class:`UnsupportedGrowthError`). vLLM's CUDA rotary
-kernel has the same contract and the probe uses only the backend's own writer, but no CUDA engine has
-run this path, so it refuses to start there.
+at the first re-rotation; anything else raises :class:`UnsupportedGrowthError`). No CUDA engine has run
+this path, so the plugin refuses to start ``rerotate`` off CPU (:mod:`.checks`).
 """
 
 from __future__ import annotations
@@ -49,42 +43,16 @@ import collections
 import dataclasses
 import logging
 import time
-import uuid
 
 import torch
 
-from rope_ext import RopeScaling, choose_factor
-from rope_ext.policy import bucket_for_length, may_outgrow
 from rope_ext.rerotate import delta_rows
 
 logger = logging.getLogger("vllm.ropeserve")
 
-GROWTH_KEY = "rope_growth"  # extra_args: True when the request moves to a larger bucket as it grows
-
 
 class UnsupportedGrowthError(RuntimeError):
     """growth "rerotate" was asked for on a configuration the re-rotation does not handle."""
-
-
-# --- admission --------------------------------------------------------------------------------------------
-
-def plan_growth(scaling: RopeScaling, factor: float, prompt_len: int, max_tokens: int | None, *, n: int = 1,
-                override: object | None = None) -> tuple[float, bool]:
-    """Growth at admission, for a request admitted at ``factor`` under ``growth="rerotate"``: whether it may
-    outgrow its bucket (then it is flagged, salted apart and grown later), and the factor it starts at.
-    Parallel sampling (``n > 1``) shares the prompt's blocks between its children, so such a request is
-    not grown: it gets its reserve-up-front factor instead."""
-    if not may_outgrow(prompt_len, max_tokens, factor, scaling):
-        return factor, False
-    if n > 1:
-        reserve = dataclasses.replace(scaling, growth="reserve")
-        return choose_factor(prompt_len, max_tokens, reserve, override=override), False
-    return factor, True
-
-
-def growable_salt(cache_salt: str | None) -> str:
-    """A cache salt no other request has: blocks of a request that may be re-rotated are never shared."""
-    return f"{cache_salt or ''}|ropeserve-grow={uuid.uuid4().hex}"
 
 
 # --- where a layer keeps its keys ----------------------------------------------------------------------------
@@ -284,33 +252,18 @@ class Regrower:
                     layers[0].slots.block_size if layers else 0)
         return cls(rotary, layers)
 
-    def grow(self, runner, num_scheduled_tokens, *, factor_key: str) -> None:
-        """Before a step: every growable request the step takes past its bucket moves to a larger one."""
-        batch = runner.input_batch
-        scaling = self.rotary.scaling
-        for i, req_id in enumerate(batch.req_ids[: batch.num_reqs]):
+    def apply(self, runner, rerotations: dict[str, tuple[float, float]]) -> None:
+        """Before a step: convert the cached keys of each request the scheduler grew, ``{id: (from, to)}``."""
+        for req_id, (factor_a, factor_b) in rerotations.items():
             state = runner.requests[req_id]
-            params = state.sampling_params
-            extra = (params.extra_args or {}) if params is not None else {}
-            if not extra.get(GROWTH_KEY) or factor_key not in extra:
-                continue
-            factor = float(extra[factor_key])
-            cached = int(batch.num_computed_tokens_cpu[i])
-            end = cached + int(num_scheduled_tokens[i])
-            if end <= scaling.capacity(factor):
-                continue
-            new = bucket_for_length(end, scaling, at_least=factor)
-            if new == factor:
-                continue  # the largest bucket: it keeps its scale (the runner warns once)
+            cached = int(state.num_computed_tokens)
             start = time.perf_counter()
             if cached:
-                self.rerotate(state.block_ids, cached, factor, new)
+                self.rerotate(state.block_ids, cached, factor_a, factor_b)
             seconds = time.perf_counter() - start
-            params.extra_args = {**extra, factor_key: new}
-            self.events.append(GrowthEvent(req_id, factor, new, cached, seconds))
-            logger.info("ropeserve: request %s grew from rope factor %s to %s at %d tokens: %d cached keys in "
-                        "%d layers re-rotated in %.1f ms", req_id, factor, new, end, cached, len(self.layers),
-                        1e3 * seconds)
+            self.events.append(GrowthEvent(req_id, factor_a, factor_b, cached, seconds))
+            logger.info("ropeserve: request %s: %d cached keys in %d layers re-rotated from rope factor %s to %s in "
+                        "%.1f ms", req_id, cached, len(self.layers), factor_a, factor_b, 1e3 * seconds)
 
     def rerotate(self, block_ids: tuple[list[int], ...], num_tokens: int, factor_a: float, factor_b: float) -> None:
         """Convert the keys of a request's first ``num_tokens`` tokens from bucket a to bucket b, in place.
@@ -334,13 +287,3 @@ class Regrower:
             ops.rotary_embedding(positions, keys, None, rotary.head_size, delta, rotary.is_neox_style)
             blocks[:num_tokens] = keys
             layer.slots.scatter(layer.kv_cache, ids, blocks)
-
-
-def grow_requests(runner, rotary, num_scheduled_tokens, *, factor_key: str) -> None:
-    """The runner hook's entry: a no-op unless the model's scaling says ``growth: "rerotate"``."""
-    if rotary.scaling.growth != "rerotate":
-        return
-    regrower = runner.__dict__.get("_ropeserve_regrower")
-    if regrower is None:
-        regrower = runner._ropeserve_regrower = Regrower.discover(runner, rotary)
-    regrower.grow(runner, num_scheduled_tokens, factor_key=factor_key)

@@ -1,13 +1,19 @@
 """Model-runner side: before every step, write each token's bucket row offset for the rotary modules.
 
-vLLM's V1 ``GPUModelRunner._prepare_inputs`` (``CPUModelRunner`` subclasses it) lays the scheduled
-tokens out request by request in ``input_batch`` order. After it runs, we look up each request's factor
-(``sampling_params.extra_args["rope_factor"]``, decided at admission; the same policy is applied here
-when a request lacks it) and fill ``token_offsets`` of every :class:`PerRequestRotaryEmbedding` with
-``np.repeat(row_offset_per_request, num_scheduled_tokens)``. Every prefill chunk and every decode step
-of a request therefore uses its one scale. A request that grows past its bucket keeps its scale (the
-first time, a warning is logged), unless the model says ``growth: "rerotate"``: then, before the offsets
-are written, :mod:`.regrow` moves it to a larger bucket and re-rotates its cached keys.
+The scheduler decides every request's factor and tells the workers in ``scheduler_output.ropeserve``
+(:mod:`.scheduler`); :class:`RunnerRope` keeps what it was told (request id -> bucket index) until the
+request finishes. vLLM's V1 ``GPUModelRunner._prepare_inputs`` (``CPUModelRunner`` subclasses it) lays the
+scheduled tokens out request by request in ``input_batch`` order; after it runs, :meth:`RunnerRope.fill`
+writes ``np.repeat(row_offset_per_request, num_scheduled_tokens)`` into the one offsets buffer every
+:class:`PerRequestRotaryEmbedding` of the model reads. No Python code runs per request: the per-request
+lookup is ``np.fromiter(map(dict.__getitem__, req_ids))``, the rest is numpy. On a device the offsets
+are staged in pinned memory and copied without blocking, as vLLM stages its own inputs. Every prefill
+chunk and every decode step of a request therefore uses the scale the scheduler gave it, and the tokens
+written at each factor are counted (``ropeserve_engine_rope_tokens_total``, :mod:`.stats`): the evidence
+that scaling is applied.
+
+Under ``growth="rerotate"`` the step may also carry re-rotations: before the offsets are written, the
+cached keys of those requests are converted to their new scale (:mod:`.regrow`).
 """
 
 from __future__ import annotations
@@ -17,66 +23,78 @@ import logging
 import numpy as np
 import torch
 
-from rope_ext import choose_factor
-from rope_ext.vllm_plugin.admission import CAPACITY_KEY, FACTOR_KEY, requested_max_tokens
-from rope_ext.vllm_plugin.regrow import grow_requests
+from rope_ext.vllm_plugin import stats
 from rope_ext.vllm_plugin.rotary import PerRequestRotaryEmbedding
 
 logger = logging.getLogger("vllm.ropeserve")
 
 
-class RunnerRopeState:
-    """Per-model-runner state: the rotary modules to feed and requests already seen overflowing."""
+class MissingFactorError(RuntimeError):
+    """A scheduled request has no factor: the scheduler's hook did not tell the workers (never guessed)."""
 
-    def __init__(self, modules: list[PerRequestRotaryEmbedding], max_model_len: int) -> None:
+
+class RunnerRope:
+    """Per model runner: the rotary modules, their shared offsets buffer, and each live request's bucket."""
+
+    def __init__(self, modules: list[PerRequestRotaryEmbedding], device: torch.device) -> None:
+        first = modules[0]
         self.modules = modules
-        self.max_model_len = max_model_len
-        self.overflowed: set[str] = set()
+        self.scaling = first.scaling
+        self.rows_per_bucket = first.rows_per_bucket
+        self.bucket_of: dict[str, int] = {}
+        # One buffer for every module (they are memoized per rotary configuration; a model with two
+        # bases, such as Gemma 3, has two), so one write per step serves them all.
+        buffer = first.token_offsets
+        for module in modules[1:]:
+            module.token_offsets = buffer
+        self.buffer = buffer
+        self.staging = None
+        if device.type != "cpu":
+            self.staging = torch.zeros(buffer.shape, dtype=buffer.dtype, pin_memory=True)
+            self.host = self.staging.numpy()
+        else:
+            self.host = buffer.numpy()
+        self.computed = stats.counters(stats.COMPUTED)
+        self.regrower = None  # growth "rerotate": created at the first step (the KV caches exist then)
 
-    @classmethod
-    def discover(cls, runner) -> RunnerRopeState:
-        seen: dict[int, PerRequestRotaryEmbedding] = {}
-        for module in runner.get_model().modules():
-            if isinstance(module, PerRequestRotaryEmbedding):
-                seen.setdefault(id(module), module)
-        return cls(list(seen.values()), runner.model_config.max_model_len)
+    def apply(self, runner, scheduler_output) -> None:
+        """Take what the scheduler says about this step (new factors, finished requests, re-rotations)."""
+        step = getattr(scheduler_output, "ropeserve", None)
+        if step is None:
+            raise MissingFactorError("the scheduler output carries no ropeserve factors: the plugin's scheduler hook "
+                                     "is not in effect, and this step's scale is unknown")
+        for req_id in scheduler_output.finished_req_ids:
+            self.bucket_of.pop(req_id, None)
+        index = self.scaling.buckets.index
+        for req_id, factor in step.factors.items():
+            self.bucket_of[req_id] = index(factor)
+        if step.rerotate:
+            from rope_ext.vllm_plugin.regrow import Regrower
 
-    def factor_of(self, req_id: str, request_state) -> float:
-        params = request_state.sampling_params
-        extra = (params.extra_args or {}) if params is not None else {}
-        factor = extra.get(FACTOR_KEY)
-        if factor is None:  # not admitted through InputProcessor: apply the same policy here
-            prompt_len = len(request_state.prompt_token_ids or ())
-            max_tokens = params.max_tokens if params is not None else None
-            factor = choose_factor(prompt_len, requested_max_tokens(prompt_len, max_tokens, self.max_model_len),
-                                   self.modules[0].scaling)
-            if params is not None:
-                params.extra_args = {**extra, FACTOR_KEY: factor,
-                                     CAPACITY_KEY: self.modules[0].scaling.capacity(factor)}
-        return factor
+            if self.regrower is None:
+                self.regrower = Regrower.discover(runner, self.modules[0])
+            self.regrower.apply(runner, step.rerotate)
 
-    def fill(self, runner, num_scheduled_tokens: np.ndarray) -> None:
-        batch = runner.input_batch
-        num_reqs = batch.num_reqs
-        req_ids = batch.req_ids[:num_reqs]
-        module = self.modules[0]
-        offsets = np.empty(num_reqs, dtype=np.int64)
-        for i, req_id in enumerate(req_ids):
-            state = runner.requests[req_id]
-            factor = self.factor_of(req_id, state)
-            offsets[i] = module.row_offset(factor)
-            end = int(batch.num_computed_tokens_cpu[i]) + int(num_scheduled_tokens[i])
-            capacity = module.scaling.capacity(factor)
-            if end > capacity and req_id not in self.overflowed:
-                self.overflowed.add(req_id)
-                logger.warning("request %s outgrew its rope bucket (factor %s, capacity %d tokens) and keeps "
-                               "its scale", req_id, factor, capacity)
-        if self.overflowed:
-            self.overflowed.intersection_update(runner.requests)
-        token_offsets = torch.from_numpy(np.repeat(offsets, num_scheduled_tokens[:num_reqs]))
-        n = token_offsets.shape[0]
-        for m in self.modules:
-            m.token_offsets[:n].copy_(token_offsets, non_blocking=True)
+    def fill(self, req_ids: list[str], num_scheduled_tokens: np.ndarray) -> None:
+        """Write the row offset of every scheduled token (requests in batch order) and count them."""
+        try:
+            buckets = np.fromiter(map(self.bucket_of.__getitem__, req_ids), dtype=np.int64, count=len(req_ids))
+        except KeyError as exc:
+            raise MissingFactorError(f"request {exc.args[0]} is scheduled but the scheduler never gave it a rope "
+                                     "factor") from None
+        counts = num_scheduled_tokens[: len(req_ids)]
+        per_token = np.repeat(buckets * self.rows_per_bucket, counts)
+        n = per_token.shape[0]
+        self.host[:n] = per_token
+        if self.staging is not None:
+            self.buffer[:n].copy_(self.staging[:n], non_blocking=True)
+        self.computed.add_all(np.bincount(buckets, weights=counts, minlength=len(self.scaling.buckets))
+                              .astype(np.int64))
+
+
+def runner_state(runner) -> RunnerRope | None:
+    """The runner's state (set by the start-up checks, :mod:`.checks`), or None for a plain model."""
+    return runner.__dict__.get("_ropeserve")
 
 
 def patch_model_runner() -> None:
@@ -88,12 +106,11 @@ def patch_model_runner() -> None:
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         result = original(self, scheduler_output, num_scheduled_tokens)
-        state = self.__dict__.get("_ropeserve_state")
-        if state is None:
-            state = self._ropeserve_state = RunnerRopeState.discover(self)
-        if state.modules:
-            grow_requests(self, state.modules[0], num_scheduled_tokens, factor_key=FACTOR_KEY)  # growth "rerotate"
-            state.fill(self, num_scheduled_tokens)
+        state = runner_state(self)
+        if state is not None:
+            state.apply(self, scheduler_output)
+            batch = self.input_batch
+            state.fill(batch.req_ids[: batch.num_reqs], num_scheduled_tokens)
         return result
 
     _prepare_inputs._ropeserve = True

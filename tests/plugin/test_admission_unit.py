@@ -1,7 +1,7 @@
-"""Admission in the front end: the factor chosen, recorded and validated on real vLLM request objects.
+"""Admission in the engine core: the factor chosen, recorded and salted on real vLLM request objects.
 
 No engine runs here: ``admit`` is applied to ``EngineCoreRequest``/``SamplingParams`` exactly as the
-patched ``InputProcessor.process_inputs`` applies it.
+patched ``EngineCore.preprocess_add_request`` applies it, before the request's blocks are hashed.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 import pytest
 
 from rope_ext import RopeScaling
-from rope_ext.vllm_plugin.admission import admit, requested_max_tokens, salt_for
+from rope_ext.vllm_plugin.admission import admit, private_salt, requested_max_tokens, salt_for
 from rope_ext.vllm_plugin.config import scaling_from_rope_parameters
 
 pytest.importorskip("vllm")
@@ -44,23 +44,71 @@ def _request(prompt_len: int, max_tokens: int | None, extra_args=None, cache_sal
 ])
 def test_factor_follows_the_policy(prompt_len, max_tokens, expected):
     request = _request(prompt_len, max_tokens)
-    assert admit(request, SCALING, MAX_MODEL_LEN) == expected
+    state = admit(request, SCALING, MAX_MODEL_LEN)
+    assert state.factor == state.start == expected
+    assert not state.pinned and not state.growable  # reserve: sized up front, never grows
     assert request.sampling_params.extra_args["rope_factor"] == expected
-    assert request.sampling_params.extra_args["rope_capacity"] == int(L * expected)
 
 
-def test_override_is_rounded_up_to_a_bucket_and_kept_with_other_extra_args():
+def test_override_is_rounded_up_to_a_bucket_pins_and_keeps_other_extra_args():
     request = _request(100, 16, extra_args={"rope_factor": 3, "other": "kept"})
-    assert admit(request, SCALING, MAX_MODEL_LEN) == 4.0
+    state = admit(request, RECOMPUTE, MAX_MODEL_LEN)
+    assert state.factor == 4.0 and state.pinned and not state.growable
     assert request.sampling_params.extra_args["other"] == "kept"
 
 
 @pytest.mark.parametrize("bad", [0.5, 9, "2", float("nan"), True, [2]])
-def test_invalid_override_is_a_client_error(bad):
-    from vllm.exceptions import VLLMClientError
+def test_invalid_override_fails_the_request_in_the_engine_core(bad):
+    from rope_ext import RopeConfigError
 
-    with pytest.raises(VLLMClientError, match=r"rope_factor: must be a number in \[1, 8.0\]"):
+    with pytest.raises(RopeConfigError, match=r"rope_factor: must be a number in \[1, 8.0\]"):
         admit(_request(100, 16, extra_args={"rope_factor": bad}), SCALING, MAX_MODEL_LEN)
+
+
+RECOMPUTE = RopeScaling(method="dynamic_yarn", original_max_position=L, max_factor=8.0, growth="recompute")
+REROTATE = RopeScaling(method="dynamic_yarn", original_max_position=L, max_factor=8.0, growth="rerotate")
+
+
+@pytest.mark.parametrize("prompt_len,max_tokens,factor,growable", [
+    (100, 16, 1.0, False),                   # fits its bucket whatever it generates
+    (100, None, 1.0, True),                  # no limit: may cross L
+    (8000, 500, 1.0, True),                  # 8500 > L
+    (8000, MAX_MODEL_LEN - 8000, 1.0, True),  # vLLM's fill-in reads as unset
+    (12000, 256, 2.0, False),
+    (60000, None, 8.0, False),               # the largest bucket: nowhere to grow
+])
+def test_growth_admits_at_the_bucket_of_the_prompt(prompt_len, max_tokens, factor, growable):
+    request = _request(prompt_len, max_tokens, cache_salt="user")
+    state = admit(request, RECOMPUTE, MAX_MODEL_LEN)
+    assert (state.factor, state.growable, state.client_salt) == (factor, growable, "user")
+    # recompute shares blocks per scale, growable or not: a shared system prompt still hits the cache
+    assert request.cache_salt == salt_for("user", factor)
+
+
+def test_rerotate_gives_a_request_that_may_grow_a_salt_of_its_own():
+    grows, fixed = _request(100, None, cache_salt="user"), _request(100, 16, cache_salt="user")
+    assert admit(grows, REROTATE, MAX_MODEL_LEN).growable and not admit(fixed, REROTATE, MAX_MODEL_LEN).growable
+    assert grows.cache_salt.startswith("user|ropeserve-rerotate=") and grows.cache_salt != private_salt("user")
+    assert fixed.cache_salt == "user"
+
+
+def test_front_end_refuses_a_bad_override_with_a_400(monkeypatch):
+    """The front-end validates with the engine core's own rule; the engine core decides."""
+    from vllm.exceptions import VLLMClientError
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from rope_ext.vllm_plugin import admission
+
+    monkeypatch.setattr(InputProcessor, "process_inputs", lambda self, *a, **k: _request(100, 16, **k))
+    admission.patch_input_processor()
+
+    class Processor(InputProcessor):
+        def __init__(self):
+            self._ropeserve_scaling = SCALING
+
+    assert Processor().process_inputs(extra_args={"rope_factor": 2}).sampling_params.extra_args == {"rope_factor": 2}
+    with pytest.raises(VLLMClientError, match="rope_factor"):
+        Processor().process_inputs(extra_args={"rope_factor": 9})
 
 
 def test_cache_salt_separates_scales_and_keeps_the_clients_salt():
@@ -69,7 +117,7 @@ def test_cache_salt_separates_scales_and_keeps_the_clients_salt():
     assert salt_for(None, 2.0) != salt_for(None, 4.0)
     assert "user" in salt_for("user", 2.0)
     request = _request(12000, 16, cache_salt="user")
-    admit(request, SCALING, MAX_MODEL_LEN)
+    assert admit(request, SCALING, MAX_MODEL_LEN).client_salt == "user"
     assert request.cache_salt == salt_for("user", 2.0)
 
 

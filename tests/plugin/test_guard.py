@@ -1,4 +1,9 @@
-"""The guard: the plugin refuses, loudly, a vLLM whose internals differ from the ones it patches."""
+"""The guard: the plugin refuses, loudly, a vLLM whose internals differ from the ones it touches.
+
+Every internal the plugin patches or reads is listed once, in ``rope_ext.vllm_plugin.compat.INTERNALS``;
+here each is checked against the installed vLLM, a change to any kind of entry (version, signature,
+field, attribute) is refused, and every vLLM attribute the plugin patches is on the list.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,13 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from rope_ext.vllm_plugin.compat import PINNED_VLLM_VERSION, IncompatibleVllmError, check_internals  # noqa: E402
+from rope_ext.vllm_plugin.compat import (  # noqa: E402
+    INTERNALS,
+    PINNED_VLLM_VERSION,
+    IncompatibleVllmError,
+    check,
+    check_internals,
+)
 
 
 def test_installed_vllm_is_the_pinned_one():
@@ -16,11 +27,33 @@ def test_installed_vllm_is_the_pinned_one():
     check_internals()
 
 
-def test_a_changed_model_runner_signature_is_refused(monkeypatch):
+@pytest.mark.parametrize("internal", INTERNALS, ids=[i.target for i in INTERNALS])
+def test_each_internal_is_as_the_plugin_expects(internal):
+    check(internal)
+
+
+def test_a_changed_signature_is_refused(monkeypatch):
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     monkeypatch.setattr(GPUModelRunner, "_prepare_inputs", lambda self, scheduler_output: None)
     with pytest.raises(IncompatibleVllmError, match="_prepare_inputs"):
+        check_internals()
+
+
+def test_a_missing_field_or_attribute_is_refused():
+    from rope_ext.vllm_plugin.compat import Internal
+
+    with pytest.raises(IncompatibleVllmError, match=r"lacks the fields \['rope_scale'\]"):
+        check(Internal("vllm.v1.engine:EngineCoreRequest", "test", fields=("cache_salt", "rope_scale")))
+    with pytest.raises(IncompatibleVllmError, match=r"no longer sets \['rope_offsets'\]"):
+        check(Internal("vllm.v1.request:Request.__init__", "test", attrs=("block_hashes", "rope_offsets")))
+
+
+def test_a_missing_function_is_refused(monkeypatch):
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    monkeypatch.delattr(Scheduler, "_preempt_request")
+    with pytest.raises(IncompatibleVllmError, match="_preempt_request is missing"):
         check_internals()
 
 
@@ -32,15 +65,33 @@ def test_a_different_version_is_refused(monkeypatch):
         check_internals()
 
 
-def test_register_is_idempotent_and_patches_once():
-    from vllm.model_executor.layers import rotary_embedding
-    from vllm.v1.engine.input_processor import InputProcessor
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+PATCHED = {
+    "vllm.model_executor.layers.rotary_embedding:get_rope",
+    "vllm.v1.engine.core:EngineCore.preprocess_add_request",
+    "vllm.v1.engine.input_processor:InputProcessor.process_inputs",
+    "vllm.v1.core.sched.scheduler:Scheduler.__init__",
+    "vllm.v1.core.sched.scheduler:Scheduler.schedule",
+    "vllm.v1.core.sched.scheduler:Scheduler.add_request",
+    "vllm.v1.worker.gpu_worker:Worker.load_model",
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner._prepare_inputs",
+}
+
+
+def test_register_is_idempotent_patches_once_and_every_patch_is_guarded():
+    import importlib
 
     from rope_ext.vllm_plugin import register
 
+    def resolve(target):
+        module, _, qualname = target.partition(":")
+        obj = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        return obj
+
     register()
-    patched = (rotary_embedding.get_rope, InputProcessor.process_inputs, GPUModelRunner._prepare_inputs)
+    patched = {t: resolve(t) for t in PATCHED}
     register()
-    assert (rotary_embedding.get_rope, InputProcessor.process_inputs, GPUModelRunner._prepare_inputs) == patched
-    assert all(getattr(fn, "_ropeserve", False) for fn in patched)
+    assert {t: resolve(t) for t in PATCHED} == patched
+    assert all(getattr(fn, "_ropeserve", False) for fn in patched.values())
+    assert PATCHED <= {i.target for i in INTERNALS}

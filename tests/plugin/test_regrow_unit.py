@@ -6,17 +6,14 @@
   converted in every layer (as the torch fast path converts them, within one ulp), through the strided
   view (vec) and the element-wise gather (amx); its values, other blocks and the unwritten tail of its
   last block are left bit for bit.
-- Regrower.grow: only growable requests that a step takes past their bucket move, to the smallest
-  bucket that holds them; the factor in their extra_args follows.
-- Admission under growth "rerotate": flag, capacity, a cache salt of its own; parallel sampling reserves.
+- Regrower.apply: the requests the scheduler grew (tests/plugin/test_scheduler_unit.py decides) get
+  their cached keys converted, once each.
 """
 
 from __future__ import annotations
 
-import time
 import types
 
-import numpy as np
 import pytest
 import torch
 
@@ -141,88 +138,25 @@ def test_rerotate_converts_the_request_keys_in_every_layer_and_nothing_else(rota
         assert torch.equal(state.kv_cache.view(-1)[untouched], old.view(-1)[untouched])
 
 
-def _runner(requests: dict, computed: list[int]):
-    batch = types.SimpleNamespace(req_ids=list(requests), num_reqs=len(requests),
-                                  num_computed_tokens_cpu=np.array(computed))
-    return types.SimpleNamespace(input_batch=batch, requests=requests)
-
-
-def _state(factor: float, growable: bool):
-    extra = {"rope_factor": factor, **({"rope_growth": True} if growable else {})}
-    return types.SimpleNamespace(sampling_params=types.SimpleNamespace(extra_args=extra), block_ids=([0, 1],))
-
-
-def test_grow_moves_only_growable_requests_past_their_capacity(rotary):
+def test_apply_converts_what_the_scheduler_says_and_nothing_else(rotary):
+    """The scheduler decides who grows; the worker converts each named request's cached keys once, from
+    its own count of computed tokens."""
     from rope_ext.vllm_plugin.regrow import Regrower
 
-    regrower = Regrower(rotary, layers=[])  # no layers: the decisions alone
-    requests = {
-        "crosses": _state(1.0, True),        # 200 cached + 1 > capacity 200
-        "fits": _state(1.0, True),           # 150 + 1
-        "fixed": _state(1.0, False),         # not growable: keeps its scale
-        "jumps": _state(1.0, True),          # a 500-token step: straight to the bucket that holds 700
-        "largest": _state(4.0, True),        # nowhere to grow
-    }
-    regrower.grow(_runner(requests, [200, 150, 200, 200, 800]), np.array([1, 1, 1, 500, 1]),
-                  factor_key="rope_factor")
-    factors = {k: v.sampling_params.extra_args["rope_factor"] for k, v in requests.items()}
-    assert factors == {"crosses": 2.0, "fits": 1.0, "fixed": 1.0, "jumps": 4.0, "largest": 4.0}
+    calls = []
+
+    class Recording(Regrower):
+        def rerotate(self, block_ids, num_tokens, factor_a, factor_b):
+            calls.append((block_ids, num_tokens, factor_a, factor_b))
+
+    requests = {"grows": types.SimpleNamespace(block_ids=([3, 1],), num_computed_tokens=200),
+                "fresh": types.SimpleNamespace(block_ids=([5],), num_computed_tokens=0),
+                "other": types.SimpleNamespace(block_ids=([7],), num_computed_tokens=90)}
+    regrower = Recording(rotary, layers=[])
+    regrower.apply(types.SimpleNamespace(requests=requests), {"grows": (1.0, 2.0), "fresh": (1.0, 4.0)})
+    assert calls == [(([3, 1],), 200, 1.0, 2.0)]  # nothing cached yet: nothing to convert
     assert [(e.req_id, e.from_factor, e.to_factor, e.num_tokens) for e in regrower.events] == [
-        ("crosses", 1.0, 2.0, 200), ("jumps", 1.0, 4.0, 200)]
-
-
-def _request(prompt_len, max_tokens, n=1, cache_salt=None):
-    from vllm import SamplingParams
-    from vllm.v1.engine import EngineCoreRequest
-
-    return EngineCoreRequest(
-        request_id="r", prompt_token_ids=[1] * prompt_len, mm_features=None,
-        sampling_params=SamplingParams(max_tokens=max_tokens, n=n), pooling_params=None,
-        arrival_time=time.time(), lora_request=None, cache_salt=cache_salt, data_parallel_rank=None)
-
-
-GROW = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, growth="rerotate")
-
-
-def test_admission_flags_growable_requests_and_salts_them_apart():
-    from rope_ext.vllm_plugin.admission import admit
-
-    first, second = _request(8000, 1000, cache_salt="user"), _request(8000, 1000, cache_salt="user")
-    assert admit(first, GROW, GROW.max_context) == admit(second, GROW, GROW.max_context) == 1.0
-    extra = first.sampling_params.extra_args
-    assert extra["rope_growth"] is True and extra["rope_capacity"] == GROW.capacity(8.0)
-    assert first.cache_salt.startswith("user|") and first.cache_salt != second.cache_salt
-
-
-def test_admission_leaves_requests_that_fit_to_share_per_scale():
-    from rope_ext.vllm_plugin.admission import admit, salt_for
-
-    request = _request(8000, 100)
-    assert admit(request, GROW, GROW.max_context) == 1.0
-    assert "rope_growth" not in request.sampling_params.extra_args
-    assert request.cache_salt == salt_for(None, 1.0)
-    request = _request(9000, 100)  # bucket 2, fits
-    assert admit(request, GROW, GROW.max_context) == 2.0
-    assert request.cache_salt == salt_for(None, 2.0)
-
-
-def test_parallel_sampling_reserves_up_front():
-    from rope_ext.vllm_plugin.admission import admit, salt_for
-
-    request = _request(8000, 1000, n=2)
-    assert admit(request, GROW, GROW.max_context) == 2.0  # 9000 planned tokens: reserve's choice
-    assert "rope_growth" not in request.sampling_params.extra_args
-    assert request.cache_salt == salt_for(None, 2.0)
-
-
-def test_reserve_mode_admission_is_unchanged():
-    from rope_ext.vllm_plugin.admission import admit, salt_for
-
-    reserve = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0)
-    request = _request(8000, 1000)
-    assert admit(request, reserve, reserve.max_context) == 2.0
-    assert "rope_growth" not in request.sampling_params.extra_args
-    assert request.cache_salt == salt_for(None, 2.0)
+        ("grows", 1.0, 2.0, 200), ("fresh", 1.0, 4.0, 0)]
 
 
 def test_rotate_keys_matches_the_layout_used_by_the_runner(rotary):

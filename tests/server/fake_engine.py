@@ -9,8 +9,11 @@ deterministic: a passkey prompt is answered with its key (or a wrong one when ``
 else with ``t0 t1 ...`` up to ``max_tokens`` (default 16); with ``sign_answers``, each token also carries the
 factor the request ran at and a hash of its prompt (`` t0/f2/h1234``), so a request whose factor or prompt
 got mixed up with another's answers differently. ``token_delay_s`` paces streams token by token and delays
-a whole non-streaming answer as long (aborted, as vLLM does, when its client leaves). Knobs let tests make it unhealthy, refuse connections (``down``,
-through :meth:`transport`), fail, or hold a stream open (``gate``)::
+a whole non-streaming answer as long (aborted, as vLLM does, when its client leaves). Its ``/metrics`` carries
+the plugin's evidence counters (tokens scheduled and computed per factor). Knobs let tests make it
+unhealthy, refuse connections (``down``, through :meth:`transport`), fail, hold a stream open (``gate``),
+break the plugin's hook (``rope_hook_broken``: tokens scheduled at a factor are not computed at it) or run
+without the plugin (``rope_plugin_missing``)::
 
     engine = FakeEngine()
     transport = engine.transport()            # for httpx / EnginePool(transports=...)
@@ -98,6 +101,10 @@ class FakeEngine:
         self.streams_cancelled = 0
         self.streams_finished = 0
         self.requests_aborted = 0
+        self.rope_hook_broken = False
+        self.rope_plugin_missing = False
+        self.rope_scheduled: dict[float, int] = {b: 0 for b in self.scaling.buckets}
+        self.rope_computed: dict[float, int] = {b: 0 for b in self.scaling.buckets}
         self.app = self._build()
 
     def transport(self) -> httpx.AsyncBaseTransport:
@@ -136,9 +143,15 @@ class FakeEngine:
 
         @app.get("/metrics")
         async def metrics() -> PlainTextResponse:
-            return PlainTextResponse(f"vllm:num_requests_running {engine.in_flight}\n"
-                                     f"fake:requests_aborted_total {engine.requests_aborted}\n"
-                                     f"fake:streams_cancelled_total {engine.streams_cancelled}\n")
+            text = (f"vllm:num_requests_running {engine.in_flight}\n"
+                    f"fake:requests_aborted_total {engine.requests_aborted}\n"
+                    f"fake:streams_cancelled_total {engine.streams_cancelled}\n")
+            if not engine.rope_plugin_missing:
+                for name, counts in (("ropeserve_engine_rope_scheduled_tokens", engine.rope_scheduled),
+                                     ("ropeserve_engine_rope_tokens", engine.rope_computed)):
+                    text += f"# TYPE {name} counter\n" + "".join(
+                        f'{name}_total{{factor="{f:g}"}} {n}\n' for f, n in counts.items())
+            return PlainTextResponse(text)
 
         @app.post("/tokenize")
         async def tokenize(request: Request) -> JSONResponse:
@@ -167,7 +180,8 @@ class FakeEngine:
                 max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
             else:
                 prompt = body["prompt"] if isinstance(body["prompt"], str) else " ".join(map(str, body["prompt"]))
-                max_tokens = body.get("max_tokens", 16)
+                max_tokens = body.get("max_tokens")  # unset: vLLM fills the rest of the context, the plugin
+                                                     # reads that as unset (and the fake answers 16 tokens)
             prompt_tokens = len(toy_tokens(prompt))
             if prompt_tokens + (max_tokens or 0) > engine.max_model_len:
                 return vllm_error(400, f"This model's maximum context length is {engine.max_model_len} tokens.")
@@ -177,6 +191,9 @@ class FakeEngine:
                 return vllm_error(400, str(exc), exc.field)
             engine.factors.append(factor)
             pieces = engine._answer(prompt, 16 if max_tokens is None else max_tokens)
+            engine.rope_scheduled[factor] += prompt_tokens + len(pieces)
+            if not engine.rope_hook_broken:
+                engine.rope_computed[factor] += prompt_tokens + len(pieces)
             if engine.sign_answers:
                 pieces = [f"{piece}/f{factor:g}/h{zlib.crc32(prompt.encode()) % 10000}" for piece in pieces]
             n = int(body.get("n") or 1)

@@ -47,7 +47,7 @@ async def test_completion_factor_follows_the_policy_and_engine_agrees(prompt_tok
     expected = choose_factor(prompt_tokens, max_tokens, SCALING)
     assert float(response.headers["x-rope-factor"]) == expected
     assert engine.factors == [expected]  # the engine ran at the factor the header reports
-    assert engine.requests[0][1]["vllm_xargs"] == {"rope_factor": expected}
+    assert "vllm_xargs" not in engine.requests[0][1]  # no override: the engine decides, by the same policy
 
 
 async def test_every_field_passes_through_and_ours_are_stripped() -> None:
@@ -322,3 +322,50 @@ async def test_stream_is_closed_when_the_client_is_gone_before_the_first_chunk()
             await app(scope, receive, send)
         assert engine.requests  # the engine had started the stream
         assert app.state.pool.engines[0].in_flight == 0
+
+
+GROWING = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, growth="recompute")
+
+
+async def test_a_request_that_grows_reports_where_it_started_and_ended() -> None:
+    """8190 prompt tokens, 10 generated: it starts at 1 and crosses L at its fourth token."""
+    engine = FakeEngine(scaling=GROWING)
+    async with gateway([engine], rope_growth="recompute") as client:
+        grown = await client.post("/v1/completions", json={"prompt": words(8190), "max_tokens": 10})
+        short = await client.post("/v1/completions", json={"prompt": words(100), "max_tokens": 10})
+        pinned = await client.post("/v1/completions", json={"prompt": words(8190), "max_tokens": 10,
+                                                            "rope_factor": 1})
+        metrics = (await client.get("/metrics")).text
+    assert (grown.headers["x-rope-factor"], grown.headers["x-rope-factor-final"]) == ("1", "2")
+    assert (short.headers["x-rope-factor"], short.headers["x-rope-factor-final"]) == ("1", "1")
+    assert (pinned.headers["x-rope-factor"], pinned.headers["x-rope-factor-final"]) == ("1", "1")  # pinned
+    assert engine.requests[2][1]["vllm_xargs"] == {"rope_factor": 1}  # the client's override, forwarded
+    assert 'ropeserve_rope_factor_final_bucket{le="2.0"} 3.0' in metrics
+    assert 'ropeserve_rope_factor_final_bucket{le="1.0"} 2.0' in metrics
+
+
+async def test_a_stream_reports_the_final_factor_in_its_usage_chunk() -> None:
+    engine = FakeEngine(scaling=GROWING)
+    body = {"prompt": words(8190), "max_tokens": 10, "stream": True, "stream_options": {"include_usage": True}}
+    async with gateway([engine], rope_growth="recompute") as client:
+        response = await client.post("/v1/completions", json=body)
+        plain = await client.post("/v1/completions", json={**body, "stream_options": None})
+    events = [json.loads(line[6:]) for line in response.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    assert response.headers["x-rope-factor"] == "1"
+    assert [e.get("rope_factor") for e in events] == [None] * 10 + [{"start": 1.0, "final": 2.0}]
+    assert events[-1]["usage"]["completion_tokens"] == 10 and events[-1]["choices"] == []
+    assert "rope_factor" not in plain.text  # no usage asked for: the start factor (header) only
+
+
+def test_the_usage_line_is_rewritten_whatever_the_chunk_boundaries() -> None:
+    from server.generation import UsageScanner
+
+    stream = (b'data: {"choices":[{"text":" a"}]}\n\ndata: {"choices":[],"usage":{"prompt_tokens":3,'
+              b'"completion_tokens":2}}\n\ndata: [DONE]\n\n')
+    for cut in range(1, len(stream)):
+        scanner = UsageScanner(lambda usage: {"final": usage["completion_tokens"]})
+        out = scanner.feed(stream[:cut]) + scanner.feed(stream[cut:]) + scanner.flush()
+        assert out == stream.replace(b'"completion_tokens":2}}', b'"completion_tokens":2},"rope_factor":'
+                                     b'{"final":2}}'), cut
+        assert scanner.completion_tokens == 2

@@ -105,6 +105,10 @@ async def test_engine_serving_another_model_or_context_stays_out() -> None:
     await pool.close()
 
 
+_FRESH_ROPE_METRICS = ('ropeserve_engine_rope_scheduled_tokens_total{factor="1"} 0\n'
+                       'ropeserve_engine_rope_tokens_total{factor="1"} 0\n')
+
+
 async def test_timeout_is_504_and_transport_failure_502() -> None:
     class Failing(httpx.AsyncBaseTransport):
         def __init__(self, exc: type[Exception]) -> None:
@@ -113,6 +117,8 @@ async def test_timeout_is_504_and_transport_failure_502() -> None:
         async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
             if request.url.path == "/health" or request.url.path == "/v1/models":
                 return httpx.Response(200, json={"data": [{"id": MODEL, "max_model_len": 65536}]})
+            if request.url.path == "/metrics":
+                return httpx.Response(200, text=_FRESH_ROPE_METRICS)
             raise self.exc("boom", request=request)
 
     for exc, status in ((httpx.ReadTimeout, 504), (httpx.RemoteProtocolError, 502)):
@@ -153,3 +159,53 @@ async def test_small_calls_do_not_turn_the_round_robin() -> None:
         lease.release()
     assert picks == [a, b, a, b]
     await pool.close()
+
+
+async def test_an_engine_without_the_rope_plugin_is_misconfigured() -> None:
+    engine = FakeEngine()
+    engine.rope_plugin_missing = True
+    urls = fake_urls(1)
+    pool = EnginePool(urls, model=MODEL, max_model_len=65536, transports={urls[0]: engine.transport()})
+    await pool.check_all()
+    assert pool.engines[0].state == "misconfigured" and not pool.ready
+    assert "rope plugin is not installed" in pool.engines[0].last_error
+    await pool.close()
+
+
+async def test_an_engine_that_schedules_scaled_tokens_but_computes_none_leaves_rotation() -> None:
+    """The plugin's hook broken on purpose: scaled requests run, but nothing is computed at their factor."""
+    engine = FakeEngine()
+    urls = fake_urls(1)
+    pool = EnginePool(urls, model=MODEL, max_model_len=65536, eject_after_failures=2,
+                      transports={urls[0]: engine.transport()})
+    await pool.check_all()
+    assert pool.ready
+    engine.rope_hook_broken = True
+    async with httpx.AsyncClient(transport=engine.transport(), base_url=urls[0]) as client:
+        long = {"model": MODEL, "prompt": " ".join(["w"] * 9000), "max_tokens": 4}
+        assert (await client.post("/v1/completions", json=long)).status_code == 200
+    await pool.check_all()
+    assert pool.ready  # one check could catch a step in flight
+    await pool.check_all()
+    assert not pool.ready and pool.engines[0].state == "unhealthy"
+    assert "scheduled 9004 tokens at scaled RoPE factors but computed none" in pool.engines[0].last_error
+    engine.rope_hook_broken = False  # a healthy engine (say, restarted) computes at its factors again
+    engine.rope_computed[2.0] = engine.rope_scheduled[2.0]
+    await pool.check_all()
+    assert pool.ready
+    await pool.close()
+
+
+def test_rope_evidence_reads_the_engines_counters() -> None:
+    from server.upstreams import rope_evidence
+
+    text = ("# TYPE ropeserve_engine_rope_tokens counter\n"
+            'ropeserve_engine_rope_tokens_total{factor="1"} 50.0\n'
+            'ropeserve_engine_rope_tokens_total{factor="2"} 7.0\n'
+            'ropeserve_engine_rope_tokens_created{factor="2"} 1.7e9\n'
+            "# TYPE ropeserve_engine_rope_scheduled_tokens counter\n"
+            'ropeserve_engine_rope_scheduled_tokens_total{factor="1"} 51.0\n'
+            'ropeserve_engine_rope_scheduled_tokens_total{factor="4"} 3.0\n'
+            'vllm:num_requests_running 0\n')
+    assert rope_evidence(text) == (3, 7)
+    assert rope_evidence("vllm:num_requests_running 0\n") is None

@@ -1,6 +1,7 @@
 """A stand-in engine *process* for the process tests (stdlib only, starts in milliseconds).
 
-Answers ``GET /health`` (200, or 503 with ``--never-ready``) and ``GET /v1/models``; with ``--child-pid-file``
+Answers ``GET /health`` (200, or 503 with ``--never-ready``), ``GET /v1/models`` and ``GET /metrics`` (the
+rope plugin's evidence counters, at zero, as a fresh engine exports them); with ``--child-pid-file``
 it first spawns a ``sleep`` child in its own process group (as vLLM spawns its engine core) and writes the
 child's pid there; with ``--exit-after S`` it dies with code 3 after S seconds (a crash)::
 
@@ -45,6 +46,9 @@ def main() -> None:
             elif self.path == "/v1/models":
                 body = {"object": "list", "data": [{"id": args.model, "max_model_len": args.max_model_len}]}
                 self._send(200, json.dumps(body).encode())
+            elif self.path == "/metrics":
+                self._send(200, b"".join(f'{name}_total{{factor="1"}} 0\n'.encode() for name in (
+                    "ropeserve_engine_rope_scheduled_tokens", "ropeserve_engine_rope_tokens")))
             else:
                 self._send(404, b"{}")
 

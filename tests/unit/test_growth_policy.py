@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from rope_ext import RopeConfigError, RopeScaling, choose_factor
-from rope_ext.policy import bucket_for_length, grown_factor, grows, may_outgrow
+from rope_ext.policy import bucket_for_length, factor_at, grown_factor, grows, may_outgrow
 
 RESERVE = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0)
 GROW = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, growth="rerotate")
@@ -90,3 +90,21 @@ def test_grown_factor_keeps_the_headroom() -> None:
 
 def test_an_override_pins_the_request() -> None:
     assert grows(GROW) and not grows(GROW, pinned=True) and not grows(RESERVE)
+
+
+@pytest.mark.parametrize(("start", "length", "expected"), [
+    (1.0, 8192, 1.0), (1.0, 8193, 2.0), (1.0, 16385, 4.0), (2.0, 100, 2.0), (1.0, 70000, 8.0),
+])
+def test_factor_at_follows_growth_token_by_token(start, length, expected) -> None:
+    assert factor_at(start, length, GROW) == expected
+    assert factor_at(start, length, RESERVE) == start  # reserve never grows
+    assert factor_at(start, length, GROW, pinned=True) == start
+
+
+def test_factor_at_is_the_chain_of_crossings_not_the_final_length() -> None:
+    # With headroom, the crossing at 16385 tokens lands on 4 (1.25 x 16385 fits 32768); a request that then
+    # ends at 30000 tokens stays at 4, though 1.25 x 30000 alone would need 8.
+    headroom = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, growth="recompute",
+                           headroom=1.25)
+    assert factor_at(2.0, 30000, headroom) == 4.0
+    assert factor_at(2.0, 32769, headroom) == 8.0

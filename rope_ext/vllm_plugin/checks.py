@@ -1,0 +1,137 @@
+"""Start-up checks: a dynamic model either runs with every piece of the plugin in place, or does not start.
+
+A plugin that quietly does nothing is worse than none: the operator would see factors in metrics while
+every request runs with plain RoPE. So when a worker has loaded a dynamic model (``Worker.load_model``),
+:func:`check_runner` verifies, and raises :class:`UnsupportedSetupError` naming the setting to change:
+
+- the model runner actually running is vLLM's V1 runner with the plugin's hook (the V2 runner, which
+  vLLM selects for features such as watermarking, is not supported: it needs Triton, so it cannot run on
+  the CPU test bed, and its fidelity is unproven);
+- the architecture is one whose fidelity is proven (:data:`PROVEN_ARCHITECTURES`, each with a real-engine
+  test); another is refused unless named in ``ROPESERVE_ALLOW_ARCHITECTURES`` (then a warning says it is
+  unproven). Models that feed ``cos_sin_cache`` and raw positions to a fused kernel (such as
+  ``qwen3_next.py``) bypass the per-token offset, which is why the list is explicit;
+- every rotary module of the model is the plugin's, or a plain one built for layers the model's config
+  does not scale (Gemma 3's sliding-window layers); a rotary module built any other way is refused;
+- no enabled feature bypasses the per-token offsets: dual-batch overlap (``--enable-dbo``) slices a step
+  into micro-batches that would read the first one's offsets; a speculative drafter with a model of its
+  own shares the target's rotary modules and offsets (model-free drafters, such as n-gram, are fine);
+- growth by re-rotation runs on vLLM's CPU backend only.
+
+:func:`check_scheduler` verifies, in the engine core, that the scheduler runs the plugin's hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+
+logger = logging.getLogger("vllm.ropeserve")
+
+PROVEN_ARCHITECTURES = frozenset({
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM",
+    "Phi3ForCausalLM",
+})
+ALLOW_ENV = "ROPESERVE_ALLOW_ARCHITECTURES"
+MODEL_FREE_DRAFTERS = frozenset({"ngram", "ngram_gpu", "suffix"})
+
+# Rotary modules get_rope built for parameters the plugin leaves alone (plain RoPE layers of a model
+# whose other layers are dynamic): recorded by the get_rope wrapper, allowed by check_runner.
+PLAIN_ROTARY_MODULES: weakref.WeakSet = weakref.WeakSet()
+
+
+class UnsupportedSetupError(RuntimeError):
+    """This vLLM set-up would not apply the per-request scale; the message names the setting to change."""
+
+
+def _refuse(what: str, change: str) -> None:
+    raise UnsupportedSetupError(f"ropeserve cannot serve this dynamic-RoPE model exactly: {what}. {change}")
+
+
+def check_scheduler(scheduler) -> None:
+    cls = type(scheduler)
+    if not (getattr(cls.schedule, "_ropeserve", False) and getattr(cls.add_request, "_ropeserve", False)):
+        _refuse(f"the scheduler {cls.__module__}.{cls.__qualname__} overrides schedule() or add_request() without "
+                "the plugin's hooks", "Use vLLM's own scheduler (drop --scheduler-cls).")
+
+
+def check_runner(worker) -> None:
+    """Raise :class:`UnsupportedSetupError` unless the plugin applies to everything this worker computes;
+    on success the runner gets its :class:`~rope_ext.vllm_plugin.runner.RunnerRope`. A no-op for models
+    that are not dynamic."""
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from rope_ext.vllm_plugin.config import scaling_for_model
+    from rope_ext.vllm_plugin.rotary import PerRequestRotaryEmbedding
+    from rope_ext.vllm_plugin.runner import RunnerRope
+
+    runner = worker.model_runner
+    config = worker.vllm_config
+    scaling = scaling_for_model(config.model_config)
+    if scaling is None:
+        return
+    if not isinstance(runner, GPUModelRunner):
+        cls = type(runner)
+        _refuse(f"the model runner is {cls.__module__}.{cls.__qualname__}, not vLLM's V1 runner",
+                "Set VLLM_USE_V2_MODEL_RUNNER=0 and turn off the features that require the V2 runner "
+                "(watermarking, HiSparse attention).")
+    if not getattr(type(runner)._prepare_inputs, "_ropeserve", False):
+        _refuse(f"{type(runner).__qualname__} overrides _prepare_inputs without the plugin's hook",
+                "Use vLLM's own model runner.")
+    architectures = set(config.model_config.architectures or ())
+    allowed = {a.strip() for a in os.environ.get(ALLOW_ENV, "").split(",") if a.strip()}
+    unproven = architectures - PROVEN_ARCHITECTURES
+    if unproven - allowed:
+        _refuse(f"architecture {', '.join(sorted(unproven))} is not one the plugin is proven exact on "
+                f"({', '.join(sorted(PROVEN_ARCHITECTURES))})",
+                f"To serve it anyway, unproven, set {ALLOW_ENV}={','.join(sorted(unproven))}.")
+    if unproven:
+        logger.warning("ropeserve: serving architecture %s, which no fidelity test covers (%s is set)",
+                       ", ".join(sorted(unproven)), ALLOW_ENV)
+    if config.parallel_config.enable_dbo:
+        _refuse("dual-batch overlap splits each step into micro-batches the per-token offsets do not follow",
+                "Turn off --enable-dbo.")
+    spec = config.speculative_config
+    if spec is not None and spec.method not in MODEL_FREE_DRAFTERS:
+        _refuse(f"the speculative drafter ({spec.method}) has a model whose rotary embedding would read the "
+                "target's offsets", "Use a model-free drafter (n-gram) or no speculative decoding.")
+    if scaling.growth == "rerotate" and runner.device.type != "cpu":
+        _refuse(f"growth 'rerotate' (re-rotating cached keys) is implemented and validated on vLLM's CPU backend "
+                f"only, and this worker runs on {runner.device.type}",
+                "Use growth 'recompute' (the default) or 'reserve'.")
+    ours: list[PerRequestRotaryEmbedding] = []
+    for name, module in runner.get_model().named_modules(remove_duplicate=True):
+        if isinstance(module, PerRequestRotaryEmbedding):
+            ours.append(module)
+        elif isinstance(module, RotaryEmbeddingBase) and module not in PLAIN_ROTARY_MODULES:
+            _refuse(f"the rotary module {name} ({type(module).__qualname__}) was not built by get_rope for the "
+                    "layers the model leaves unscaled", "This architecture is not supported.")
+    if not ours:
+        _refuse("the model built none of its rotary embeddings through the plugin (its layers do not read "
+                "rope_parameters through get_rope)", "This architecture is not supported.")
+    first = ours[0]
+    if any((m.scaling.buckets, m.rows_per_bucket) != (first.scaling.buckets, first.rows_per_bucket) for m in ours):
+        _refuse("the model's dynamic rotary modules disagree on their buckets", "Give every layer type the same "
+                "factor, buckets and original context.")
+    runner._ropeserve = RunnerRope(ours, runner.device)
+    logger.info("ropeserve: %d per-request rotary module(s) in %s; buckets %s", len(ours),
+                ", ".join(sorted(architectures)), list(first.scaling.buckets))
+
+
+def patch_worker() -> None:
+    """Run :func:`check_runner` right after each worker loads its model (engine start-up)."""
+    from vllm.v1.worker.gpu_worker import Worker
+
+    original = Worker.load_model
+    if getattr(original, "_ropeserve", False):
+        return
+
+    def load_model(self, *args, **kwargs) -> None:
+        original(self, *args, **kwargs)
+        check_runner(self)
+
+    load_model._ropeserve = True
+    load_model.__wrapped__ = original
+    Worker.load_model = load_model

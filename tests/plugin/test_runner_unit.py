@@ -1,0 +1,105 @@
+"""The worker side (rope_ext.vllm_plugin.runner) and the shared counters (.stats), no engine.
+
+RunnerRope applies what the scheduler tells it and writes one offset per token, for requests in batch
+order; a request it was never told about, or a step without the scheduler's annotation, stops the step
+(never guessed). The counters written by several processes add up in the Prometheus collector.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from rope_ext import RopeScaling
+
+pytest.importorskip("vllm")
+
+L = 256
+SCALING = RopeScaling(method="dynamic_yarn", original_max_position=L, max_factor=8.0)
+
+
+@pytest.fixture(autouse=True)
+def _metrics_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROPESERVE_METRICS_DIR", str(tmp_path))
+
+
+@pytest.fixture
+def state():
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    from rope_ext.vllm_plugin.rotary import PerRequestRotaryEmbedding
+    from rope_ext.vllm_plugin.runner import RunnerRope
+
+    with set_current_vllm_config(VllmConfig()):
+        modules = [PerRequestRotaryEmbedding(64, 64, base, True, torch.float32, scaling=SCALING,
+                                             rows_per_bucket=SCALING.max_context, max_num_tokens=4096)
+                   for base in (1e4, 1e6)]
+    return RunnerRope(modules, torch.device("cpu"))
+
+
+def _step(factors, finished=(), rerotate=None):
+    from rope_ext.vllm_plugin.scheduler import RopeStep
+
+    return types.SimpleNamespace(ropeserve=RopeStep(dict(factors), rerotate or {}), finished_req_ids=set(finished))
+
+
+def test_fill_writes_each_tokens_row_offset_in_batch_order(state):
+    rows = SCALING.max_context
+    state.apply(None, _step({"a": 1.0, "b": 4.0, "c": 2.0}))
+    state.fill(["b", "a", "c"], np.array([3, 2, 1, 99]))  # the runner's array is longer than the batch
+    expected = [2 * rows] * 3 + [0] * 2 + [rows]
+    assert state.buffer[:6].tolist() == expected
+    assert all(m.token_offsets is state.buffer for m in state.modules)  # both modules read it
+
+
+def test_factors_are_kept_until_the_request_finishes(state):
+    state.apply(None, _step({"a": 2.0}))
+    state.apply(None, _step({}))  # later steps carry no news about "a"
+    state.fill(["a"], np.array([1]))
+    assert state.buffer[0] == SCALING.max_context
+    state.apply(None, _step({}, finished={"a"}))
+    from rope_ext.vllm_plugin.runner import MissingFactorError
+
+    with pytest.raises(MissingFactorError, match="request a"):
+        state.fill(["a"], np.array([1]))
+
+
+def test_a_step_without_the_schedulers_factors_stops(state):
+    from rope_ext.vllm_plugin.runner import MissingFactorError
+
+    with pytest.raises(MissingFactorError, match="scheduler hook"):
+        state.apply(None, types.SimpleNamespace(finished_req_ids=set()))
+
+
+def test_tokens_are_counted_per_factor_and_collected_across_processes(state, tmp_path):
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from rope_ext.vllm_plugin import stats
+
+    state.apply(None, _step({"a": 1.0, "b": 4.0}))
+    state.fill(["a", "b"], np.array([10, 5]))
+    stats.write_buckets(SCALING.buckets)
+    other = stats.Counters(stats.COMPUTED, tmp_path)  # as another worker process would write
+    other.path.rename(tmp_path / "computed.99999.i64")
+    other = stats.Counters(stats.COMPUTED, tmp_path)
+    other.add(1, 7)
+    stats.counters(stats.ADMITTED).add(2, 3)
+    registry = CollectorRegistry()
+    registry.register(stats.RopeCollector(tmp_path))
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
+    tokens = {s.labels["factor"]: s.value for s in families["ropeserve_engine_rope_tokens"].samples
+              if s.name.endswith("_total")}
+    assert tokens == {"1": 10.0, "2": 7.0, "4": 5.0, "8": 0.0}
+    histogram = {s.labels.get("le"): s.value for s in families["ropeserve_engine_rope_factor"].samples
+                 if s.name.endswith("_bucket")}
+    assert histogram["2.0"] == 0.0 and histogram["4.0"] == 3.0 and histogram["+Inf"] == 3.0
+
+
+def test_the_collector_is_silent_until_a_dynamic_model_records_its_buckets(tmp_path):
+    from rope_ext.vllm_plugin import stats
+
+    assert list(stats.RopeCollector(tmp_path).collect()) == []
