@@ -56,22 +56,18 @@ def check_scheduler(scheduler) -> None:
                 "the plugin's hooks", "Use vLLM's own scheduler (drop --scheduler-cls).")
 
 
-def check_runner(worker) -> None:
-    """Raise :class:`UnsupportedSetupError` unless the plugin applies to everything this worker computes;
-    on success the runner gets its :class:`~rope_ext.vllm_plugin.runner.RunnerRope`. A no-op for models
-    that are not dynamic."""
-    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
+def check_setup(worker):
+    """Before the model is built: the runner, the architecture and the features (see the module
+    docstring). Returns the model's scaling, or None when the model is not dynamic."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from rope_ext.vllm_plugin.config import scaling_for_model
-    from rope_ext.vllm_plugin.rotary import PerRequestRotaryEmbedding
-    from rope_ext.vllm_plugin.runner import RunnerRope
 
     runner = worker.model_runner
     config = worker.vllm_config
     scaling = scaling_for_model(config.model_config)
     if scaling is None:
-        return
+        return None
     if not isinstance(runner, GPUModelRunner):
         cls = type(runner)
         _refuse(f"the model runner is {cls.__module__}.{cls.__qualname__}, not vLLM's V1 runner",
@@ -101,6 +97,22 @@ def check_runner(worker) -> None:
         _refuse(f"growth 'rerotate' (re-rotating cached keys) is implemented and validated on vLLM's CPU backend "
                 f"only, and this worker runs on {runner.device.type}",
                 "Use growth 'recompute' (the default) or 'reserve'.")
+    return scaling
+
+
+def check_runner(worker) -> None:
+    """After the model is built: every rotary module is the plugin's or a plain one the config asked for.
+    On success the runner gets its :class:`~rope_ext.vllm_plugin.runner.RunnerRope`. (Runs
+    :func:`check_setup` first; a no-op for models that are not dynamic.)"""
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
+
+    from rope_ext.vllm_plugin.rotary import PerRequestRotaryEmbedding
+    from rope_ext.vllm_plugin.runner import RunnerRope
+
+    if check_setup(worker) is None:
+        return
+    runner = worker.model_runner
+    architectures = set(worker.vllm_config.model_config.architectures or ())
     ours: list[PerRequestRotaryEmbedding] = []
     for name, module in runner.get_model().named_modules(remove_duplicate=True):
         if isinstance(module, PerRequestRotaryEmbedding):
@@ -121,7 +133,8 @@ def check_runner(worker) -> None:
 
 
 def patch_worker() -> None:
-    """Run :func:`check_runner` right after each worker loads its model (engine start-up)."""
+    """Run :func:`check_setup` before each worker builds its model and :func:`check_runner` after
+    (engine start-up): a set-up the plugin refuses never gets as far as building the model."""
     from vllm.v1.worker.gpu_worker import Worker
 
     original = Worker.load_model
@@ -129,6 +142,7 @@ def patch_worker() -> None:
         return
 
     def load_model(self, *args, **kwargs) -> None:
+        check_setup(self)
         original(self, *args, **kwargs)
         check_runner(self)
 

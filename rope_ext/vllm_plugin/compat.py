@@ -101,6 +101,8 @@ INTERNALS: tuple[Internal, ...] = (
              attrs=("input_batch", "requests", "device")),
     Internal("vllm.v1.worker.gpu_input_batch:InputBatch.req_ids", "batch order of the requests"),
     Internal("vllm.v1.worker.gpu_input_batch:InputBatch.num_reqs", "requests in the batch"),
+    Internal("vllm.v1.worker.gpu_input_batch:InputBatch.__init__", "where each request's step starts",
+             attrs=("num_computed_tokens_cpu",)),
     Internal("vllm.v1.worker.gpu_input_batch:CachedRequestState", "re-rotation: a request's blocks",
              fields=("block_ids", "num_computed_tokens")),
     Internal("vllm.config.parallel:ParallelConfig", "checks: dual-batch overlap", fields=("enable_dbo",)),

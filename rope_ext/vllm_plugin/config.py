@@ -18,7 +18,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from rope_ext import RopeScaling
+from rope_ext import RopeConfigError, RopeScaling
 
 DYNAMIC_ROPE_TYPES = frozenset({"dynamic_yarn", "dynamic_ntk", "dynamic_linear"})
 SWITCH_ENV = "ROPESERVE_DYNAMIC_ROPE"
@@ -45,7 +45,18 @@ def scaling_from_rope_parameters(rope_parameters: Mapping[str, Any] | None,
 
 
 def scaling_for_model(model_config: Any) -> RopeScaling | None:
-    """Scaling settings of a vLLM ``ModelConfig`` (None when the model does not ask for the plugin)."""
+    """Scaling settings of a vLLM ``ModelConfig`` (None when the model does not ask for the plugin).
+
+    Models whose layer types have RoPE parameters of their own (Gemma 3: ``{"full_attention": {...},
+    "sliding_attention": {...}}``) are dynamic when any layer type is; those that are must agree (they may
+    differ in base, which each layer's table follows)."""
     hf_config = model_config.hf_text_config
-    return scaling_from_rope_parameters(getattr(hf_config, "rope_parameters", None),
-                                        getattr(hf_config, "max_position_embeddings", None))
+    params = getattr(hf_config, "rope_parameters", None)
+    max_position = getattr(hf_config, "max_position_embeddings", None)
+    if params and all(isinstance(value, Mapping) for value in params.values()):
+        found = {scaling_from_rope_parameters(p, max_position) for p in params.values()} - {None}
+        if len(found) > 1:
+            raise RopeConfigError("rope_parameters", "layer types ask for different dynamic scalings "
+                                  f"({', '.join(sorted(params))}); give them the same factor, buckets and L")
+        return found.pop() if found else None
+    return scaling_from_rope_parameters(params, max_position)

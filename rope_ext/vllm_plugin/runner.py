@@ -55,6 +55,8 @@ class RunnerRope:
         else:
             self.host = buffer.numpy()
         self.computed = stats.counters(stats.COMPUTED)
+        self.past = stats.counters(stats.PAST)
+        self.capacity = np.array([self.scaling.capacity(b) for b in self.scaling.buckets], dtype=np.int64)
         self.regrower = None  # growth "rerotate": created at the first step (the KV caches exist then)
 
     def apply(self, runner, scheduler_output) -> None:
@@ -75,8 +77,10 @@ class RunnerRope:
                 self.regrower = Regrower.discover(runner, self.modules[0])
             self.regrower.apply(runner, step.rerotate)
 
-    def fill(self, req_ids: list[str], num_scheduled_tokens: np.ndarray) -> None:
-        """Write the row offset of every scheduled token (requests in batch order) and count them."""
+    def fill(self, req_ids: list[str], num_scheduled_tokens: np.ndarray, num_computed_tokens: np.ndarray) -> None:
+        """Write the row offset of every scheduled token (requests in batch order) and count them, and
+        those at positions past their bucket's capacity (a request's tokens this step end at position
+        ``num_computed + num_scheduled - 1``)."""
         try:
             buckets = np.fromiter(map(self.bucket_of.__getitem__, req_ids), dtype=np.int64, count=len(req_ids))
         except KeyError as exc:
@@ -88,8 +92,11 @@ class RunnerRope:
         self.host[:n] = per_token
         if self.staging is not None:
             self.buffer[:n].copy_(self.staging[:n], non_blocking=True)
-        self.computed.add_all(np.bincount(buckets, weights=counts, minlength=len(self.scaling.buckets))
-                              .astype(np.int64))
+        n_buckets = len(self.scaling.buckets)
+        self.computed.add_all(np.bincount(buckets, weights=counts, minlength=n_buckets).astype(np.int64))
+        past = np.minimum(counts, np.maximum(num_computed_tokens[: len(req_ids)] + counts - self.capacity[buckets], 0))
+        if past.any():
+            self.past.add_all(np.bincount(buckets, weights=past, minlength=n_buckets).astype(np.int64))
 
 
 def runner_state(runner) -> RunnerRope | None:
@@ -110,7 +117,7 @@ def patch_model_runner() -> None:
         if state is not None:
             state.apply(self, scheduler_output)
             batch = self.input_batch
-            state.fill(batch.req_ids[: batch.num_reqs], num_scheduled_tokens)
+            state.fill(batch.req_ids[: batch.num_reqs], num_scheduled_tokens, batch.num_computed_tokens_cpu)
         return result
 
     _prepare_inputs._ropeserve = True

@@ -16,6 +16,8 @@ Exported on vLLM's ``/metrics`` (all labelled by bucket factor where it applies)
     ropeserve_engine_rope_scheduled_tokens_total{factor}  tokens the scheduler scheduled at each factor
     ropeserve_engine_rope_tokens_total{factor}        tokens whose rotary offsets the workers wrote at each
                                                       factor: the proof that scaling is applied
+    ropeserve_engine_rope_tokens_past_capacity_total{factor}  of those, tokens at positions past their bucket's
+                                                      capacity L * s: zero unless an override pinned a request
 
 A dynamic model whose scheduler reports scaled tokens but whose workers report none is computing plain
 RoPE: the gateway's health check takes such an engine out of rotation (``server/upstreams.py``).
@@ -38,8 +40,8 @@ DIR_ENV = "ROPESERVE_METRICS_DIR"
 MAX_BUCKETS = 64
 
 # One file kind per counter group; a group holds one slot per bucket (index into the model's buckets).
-ADMITTED, GROWN, SCHEDULED, COMPUTED, OVERFLOW = "admitted", "grown", "scheduled", "computed", "overflow"
-KINDS = (ADMITTED, GROWN, SCHEDULED, COMPUTED, OVERFLOW)
+ADMITTED, GROWN, SCHEDULED, COMPUTED, OVERFLOW, PAST = "admitted", "grown", "scheduled", "computed", "overflow", "past"
+KINDS = (ADMITTED, GROWN, SCHEDULED, COMPUTED, OVERFLOW, PAST)
 
 
 def metrics_dir(create: bool = True) -> Path | None:
@@ -138,7 +140,9 @@ class RopeCollector:
                 (GROWN, "ropeserve_engine_rope_grown", "Requests that moved to a larger bucket, by new factor."),
                 (SCHEDULED, "ropeserve_engine_rope_scheduled_tokens", "Tokens scheduled at each factor."),
                 (COMPUTED, "ropeserve_engine_rope_tokens",
-                 "Tokens whose rotary offsets the workers wrote at each factor.")):
+                 "Tokens whose rotary offsets the workers wrote at each factor."),
+                (PAST, "ropeserve_engine_rope_tokens_past_capacity",
+                 "Tokens computed at positions past their bucket's capacity (requests pinned by an override).")):
             family = CounterMetricFamily(name, help_text, labels=["factor"])
             for label, value in zip(labels, totals[kind][:n]):
                 family.add_metric([label], float(value))

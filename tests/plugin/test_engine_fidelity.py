@@ -1,14 +1,23 @@
-"""The plugin's promises, checked on the real engine (vLLM CPU, default model, float32).
+"""The plugin's promises, checked on the real engine (vLLM CPU, default model, float32), in vLLM's default
+compiled mode (no ``enforce_eager``: ``DYNAMO_TRACE_ONCE`` with inductor on CPU, so the rotary embedding is
+the traced ``forward_native``).
 
 Three engines, each started once for the module, all with the same settings (max_model_len 65536,
-float32) so that one request run alone goes through identical steps in each, and equality is exact, to
-the last logprob:
+float32, compiled) so that one request run alone goes through identical steps in each, and equality is
+exact, to the last logprob:
 
 - stock vLLM with plain RoPE (``VLLM_ALLOW_LONG_MAX_MODEL_LEN=1``): the oracle for the short prompts;
 - stock vLLM with static YaRN at factor 2: the oracle for the long prompt (16000 + 8 tokens -> factor 2);
 - vLLM with the plugin (dynamic YaRN up to 8 x 8192): each prompt alone; then all of them submitted
   together; then one short prompt forced to factor 2 (its factor-1 blocks are in the prefix cache);
-  then the long prompt again (its blocks are reusable at the same scale).
+  then the long prompt again (its blocks are reusable at the same scale); then decode batches whose mix of
+  scales changes from step to step: requests at factors 1, 2 and 4 (forced) with prompts of different
+  lengths (so chunked prefill lets them join at different steps) and different numbers of new tokens (so
+  they finish at different steps), each compared with itself alone. That is the case that breaks a
+  captured graph if any per-step input is a fresh tensor instead of a buffer updated in place.
+
+The CPU attention's split-KV heuristic depends on the batch (``VLLM_CPU_ATTN_SPLIT_KV=0`` turns it off,
+as the benchmarks do), which is why the changing decode batches can be compared exactly.
 
 Requests submitted together reach the engine core one by one, so which of them share a step depends on
 timing, and stock vLLM CPU is not bitwise invariant to that even in float32 (measured: |logprob
@@ -45,7 +54,12 @@ STATIC_YARN_2 = {"rope_parameters": {"rope_type": "yarn", "rope_theta": ROPE_THE
 
 def _spec(model_dir: str, core: int, hf_overrides=None, **env) -> EngineSpec:
     return EngineSpec(model=model_dir, dtype="float32", max_model_len=MAX_MODEL_LEN, hf_overrides=hf_overrides,
-                      env={"VLLM_CPU_OMP_THREADS_BIND": str(core), **env})
+                      env={"VLLM_CPU_OMP_THREADS_BIND": str(core), "VLLM_CPU_ATTN_SPLIT_KV": "0", **env},
+                      extra={"enforce_eager": False})
+
+
+# Changing decode batches: (prompt length, forced factor, new tokens); prompts from another part of the book.
+CHANGING = ((3000, 1, 6), (1500, 2, 14), (200, 4, 10), (700, 2, 4))
 
 
 def _close(a, b) -> bool:
@@ -60,17 +74,23 @@ def runs(model_dir, book_tokens):
     # A fresh salt keeps the mixed batch away from the blocks the lone runs left in the prefix cache.
     mixed = [dataclasses.replace(r, cache_salt="mixed") for r in shorts + [long]]
     short_at_2 = dataclasses.replace(shorts[1], extra_args={"rope_factor": 2})
+    changing = [Request(prompt_token_ids=book_tokens[40000 + 4000 * i:40000 + 4000 * i + n], max_tokens=new,
+                        extra_args={"rope_factor": f}, cache_salt="changing") for i, (n, f, new) in enumerate(CHANGING)]
+    changing_alone = [[dataclasses.replace(r, cache_salt=f"alone-{i}")] for i, r in enumerate(changing)]
     with ThreadPoolExecutor(2) as pool:
         plugin = pool.submit(run_offline, _spec(model_dir, 0, PLUGIN),
-                             [[r] for r in shorts + [long]] + [mixed, [short_at_2], [long]])
+                             [[r] for r in shorts + [long]] + [mixed, [short_at_2], [long], changing, *changing_alone],
+                             counters=True)
         (*stock_alone,) = pool.submit(run_offline, _spec(model_dir, 1, VLLM_ALLOW_LONG_MAX_MODEL_LEN="1"),
                                       [[r] for r in shorts]).result()
         (yarn_alone,) = pool.submit(run_offline, _spec(model_dir, 1, STATIC_YARN_2), [[long]]).result()
-        *plugin_alone, plugin_mixed, plugin_short_at_2, plugin_long_again = plugin.result()
+        results, counters = plugin.result()
+    plugin_alone, (plugin_mixed, plugin_short_at_2, plugin_long_again, plugin_changing) = results[:4], results[4:8]
     return {
         "stock": [b[0] for b in stock_alone], "yarn2_long": yarn_alone[0],
         "plugin": [b[0] for b in plugin_alone], "plugin_mixed": plugin_mixed,
         "plugin_short_at_2": plugin_short_at_2[0], "plugin_long_again": plugin_long_again[0],
+        "changing": plugin_changing, "changing_alone": [b[0] for b in results[8:]], "counters": counters,
     }
 
 
@@ -112,3 +132,20 @@ def test_prefix_cache_is_reused_at_the_same_scale(runs):
     again = runs["plugin_long_again"]
     assert again.num_cached_tokens >= LONG_LENGTH - 128  # every full block (128 tokens on CPU) of the prompt
     assert again.token_ids == runs["plugin"][-1].token_ids
+
+
+@pytest.mark.parametrize("index", range(len(CHANGING)), ids=[f"{n}tok-x{f}-{new}new" for n, f, new in CHANGING])
+def test_decode_batches_whose_scales_change_give_each_request_what_it_gives_alone(runs, index):
+    together, alone = runs["changing"][index], runs["changing_alone"][index]
+    assert len(together.token_ids) == CHANGING[index][2]
+    assert together.token_ids == alone.token_ids
+    assert together.logprobs == alone.logprobs  # exact
+
+
+def test_every_scheduled_token_was_computed_at_its_factor(runs):
+    """The engine's own evidence (the counters behind ropeserve_engine_rope_*): the workers wrote offsets
+    for every token the scheduler scheduled, at the same factors, factor 4 included."""
+    counters = runs["counters"]
+    assert counters["computed"] == counters["scheduled"]
+    at_4 = counters["computed"][2]  # buckets 1, 2, 4, 8
+    assert at_4 == 2 * (200 + 10 - 1)  # the factor-4 request, together and alone (its last token is never fed)

@@ -49,7 +49,7 @@ def _step(factors, finished=(), rerotate=None):
 def test_fill_writes_each_tokens_row_offset_in_batch_order(state):
     rows = SCALING.max_context
     state.apply(None, _step({"a": 1.0, "b": 4.0, "c": 2.0}))
-    state.fill(["b", "a", "c"], np.array([3, 2, 1, 99]))  # the runner's array is longer than the batch
+    state.fill(["b", "a", "c"], np.array([3, 2, 1, 99]), np.zeros(4, dtype=np.int64))  # arrays outlast the batch
     expected = [2 * rows] * 3 + [0] * 2 + [rows]
     assert state.buffer[:6].tolist() == expected
     assert all(m.token_offsets is state.buffer for m in state.modules)  # both modules read it
@@ -58,13 +58,13 @@ def test_fill_writes_each_tokens_row_offset_in_batch_order(state):
 def test_factors_are_kept_until_the_request_finishes(state):
     state.apply(None, _step({"a": 2.0}))
     state.apply(None, _step({}))  # later steps carry no news about "a"
-    state.fill(["a"], np.array([1]))
+    state.fill(["a"], np.array([1]), np.array([0]))
     assert state.buffer[0] == SCALING.max_context
     state.apply(None, _step({}, finished={"a"}))
     from rope_ext.vllm_plugin.runner import MissingFactorError
 
     with pytest.raises(MissingFactorError, match="request a"):
-        state.fill(["a"], np.array([1]))
+        state.fill(["a"], np.array([1]), np.array([0]))
 
 
 def test_a_step_without_the_schedulers_factors_stops(state):
@@ -81,7 +81,7 @@ def test_tokens_are_counted_per_factor_and_collected_across_processes(state, tmp
     from rope_ext.vllm_plugin import stats
 
     state.apply(None, _step({"a": 1.0, "b": 4.0}))
-    state.fill(["a", "b"], np.array([10, 5]))
+    state.fill(["a", "b"], np.array([10, 5]), np.array([0, 0]))
     stats.write_buckets(SCALING.buckets)
     other = stats.Counters(stats.COMPUTED, tmp_path)  # as another worker process would write
     other.path.rename(tmp_path / "computed.99999.i64")
@@ -97,6 +97,16 @@ def test_tokens_are_counted_per_factor_and_collected_across_processes(state, tmp
     histogram = {s.labels.get("le"): s.value for s in families["ropeserve_engine_rope_factor"].samples
                  if s.name.endswith("_bucket")}
     assert histogram["2.0"] == 0.0 and histogram["4.0"] == 3.0 and histogram["+Inf"] == 3.0
+
+
+def test_tokens_past_their_buckets_capacity_are_counted(state):
+    from rope_ext.vllm_plugin import stats
+
+    state.apply(None, _step({"inside": 1.0, "crossing": 1.0, "beyond": 2.0}))
+    # capacities 256 and 512: 250 + 6 ends at 256 (inside); 250 + 10 passes it by 4; 600 + 1 is past 512
+    state.fill(["inside", "crossing", "beyond"], np.array([6, 10, 1]), np.array([250, 250, 600]))
+    past = stats.read_counters()[stats.PAST]
+    assert past[:2].tolist() == [4, 1]
 
 
 def test_the_collector_is_silent_until_a_dynamic_model_records_its_buckets(tmp_path):

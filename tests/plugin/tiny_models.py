@@ -1,0 +1,92 @@
+"""Tiny randomly initialised models, one per architecture people serve, built on the spot (no weights are
+fetched): two to six layers of width 128 (heads of 64: the CPU attention kernels take no smaller), a 512-token vocabulary, a training context L of 256.
+
+``build(arch, folder)`` writes a transformers checkpoint (safetensors and config, no tokenizer: engines run
+with ``skip_tokenizer_init`` on token ids) that vLLM loads as the real architecture. Seeds are fixed, so
+the same folder always holds the same weights. What each one exercises:
+
+- ``Qwen2ForCausalLM``: attention biases; ``Qwen3ForCausalLM``: q/k norms before RoPE, explicit head_dim;
+- ``MistralForCausalLM``: the Mistral code path (no sliding window);
+- ``Gemma3ForCausalLM``: local (sliding-window) and global layers with two RoPE bases; only the global
+  layers are scaled, as Gemma 3 configs do (``rope_parameters`` per layer type);
+- ``Phi3ForCausalLM``: a partial rotary dimension (half the head).
+
+:func:`rope_parameters` gives the ``hf_overrides`` that make one dynamic, or static YaRN (the oracle), in
+each architecture's own layout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+L = 256
+HEAD = 64
+ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM", "Gemma3ForCausalLM",
+                 "Phi3ForCausalLM")
+BASES = {"Gemma3ForCausalLM": {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}}
+COMMON = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1, vocab_size=512, max_position_embeddings=L, tie_word_embeddings=False)
+
+
+def _config(arch: str):
+    import transformers
+
+    if arch == "Qwen2ForCausalLM":
+        return transformers.Qwen2Config(**COMMON, rope_theta=10_000.0)
+    if arch == "Qwen3ForCausalLM":
+        return transformers.Qwen3Config(**COMMON, head_dim=HEAD, rope_theta=10_000.0)
+    if arch == "MistralForCausalLM":
+        return transformers.MistralConfig(**COMMON, head_dim=HEAD, rope_theta=10_000.0, sliding_window=None)
+    if arch == "Gemma3ForCausalLM":
+        return transformers.Gemma3TextConfig(
+            **{**COMMON, "num_hidden_layers": 6}, head_dim=HEAD, sliding_window=64, query_pre_attn_scalar=HEAD,
+            layer_types=["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"] * 2 + ["full_attention"],
+            rope_parameters={t: {"rope_type": "default", "rope_theta": b} for t, b in BASES[arch].items()})
+    if arch == "Phi3ForCausalLM":
+        return transformers.Phi3Config(**COMMON, rope_theta=10_000.0, partial_rotary_factor=0.5,
+                                       pad_token_id=0, sliding_window=None)
+    raise ValueError(f"no tiny model for {arch}; known: {', '.join(ARCHITECTURES)}")
+
+
+def build(arch: str, folder: Path) -> Path:
+    """The tiny ``arch`` model in ``folder`` (built once; a complete folder is reused)."""
+    import torch
+    import transformers
+
+    done = folder / "config.json"
+    if done.exists():
+        return folder
+    config = _config(arch)
+    config.architectures = [arch]
+    torch.manual_seed(0)
+    model = getattr(transformers, arch)(config).to(torch.float32)
+    with torch.no_grad():  # random init is small: make the logits spread so greedy tokens are decisive
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(4.0)
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "generation_config.json").unlink(missing_ok=True)
+    tmp.rename(folder)
+    return folder
+
+
+def rope_parameters(arch: str, rope_type: str, factor: float, **extra: Any) -> dict[str, Any]:
+    """``hf_overrides`` giving ``arch`` the RoPE scaling ``rope_type`` (``dynamic_yarn`` for the plugin,
+    ``yarn`` for stock static YaRN) up to ``factor`` on the layers its family scales, serving L * factor."""
+    scaled = {"rope_type": rope_type, "factor": float(factor), "original_max_position_embeddings": L, **extra}
+    if arch == "Gemma3ForCausalLM":
+        params: dict[str, Any] = {
+            "full_attention": {**scaled, "rope_theta": BASES[arch]["full_attention"]},
+            "sliding_attention": {"rope_type": "default", "rope_theta": BASES[arch]["sliding_attention"]}}
+    else:
+        params = {**scaled, "rope_theta": 10_000.0}
+        if arch == "Phi3ForCausalLM":
+            params["partial_rotary_factor"] = 0.5
+    return {"rope_parameters": params, "max_position_embeddings": int(L * factor)}
+
+
+def describe(folder: Path) -> str:
+    return json.loads((folder / "config.json").read_text())["architectures"][0]
