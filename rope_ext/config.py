@@ -17,7 +17,8 @@ from typing import Any
 from rope_ext.errors import RopeConfigError
 
 DEFAULT_GENERATION_RESERVE = 512
-GROWTH_MODES = ("reserve", "recompute", "rerotate")
+GROWTH_MODES = ("recompute", "reserve", "rerotate")
+DEFAULT_GROWTH = "recompute"
 
 
 def _check_finite(field: str, value: float | None, *, optional: bool = False) -> None:
@@ -77,11 +78,11 @@ class RopeScaling:
     up to ``max_factor``). ``generation_reserve`` is the room assumed for generation when a request does
     not say its ``max_tokens``. ``finetuned_factor`` is the factor a model was fine-tuned at with YaRN:
     no request runs below it. ``headroom`` (>= 1) sizes buckets past L for ``headroom`` times the length.
-    ``growth`` says how a request's generation is provided for: ``"reserve"`` (default) sizes its bucket
-    for prompt plus generation up front and keeps it; ``"recompute"`` and ``"rerotate"`` admit it at the
-    bucket of its prompt and move it to the bucket its length needs when it outgrows one (its cached
-    tokens recomputed at the new scale, or its cached keys re-rotated, ``rope_ext.rerotate``). See
-    :mod:`rope_ext.policy`. The rest are the paper's and transformers' knobs.
+    ``growth`` says how a request's generation is provided for: ``"recompute"`` (default) and
+    ``"rerotate"`` admit it at the bucket of its prompt and move it to the bucket its length needs when it
+    outgrows one (its cached tokens recomputed at the new scale, or its cached keys re-rotated,
+    ``rope_ext.rerotate``); ``"reserve"`` sizes its bucket for prompt plus generation up front and keeps
+    it. See :mod:`rope_ext.policy`. The rest are the paper's and transformers' knobs.
     """
 
     method: str = "dynamic_yarn"
@@ -98,7 +99,7 @@ class RopeScaling:
     mscale_all_dim: float | None = None
     attention_factor: float | None = None
     truncate: bool = True
-    growth: str = "reserve"
+    growth: str = DEFAULT_GROWTH
     headroom: float = 1.0
 
     def __post_init__(self) -> None:

@@ -9,12 +9,11 @@ the benchmarks all call it. For a model with original context L and buckets
    identical to the unscaled model. With ``headroom`` h > 1, a length past L needs the bucket that holds
    ``ceil(h * n)`` instead (room to spare at the top of a bucket); lengths at or below L are unaffected.
 2. The bucket is never below the fine-tuned floor (``finetuned_factor``).
-3. At admission (:func:`choose_factor`) the length is the request's *planned length*: under
-   ``growth="reserve"`` its prompt plus ``max_tokens`` when the client set it, or plus the
-   ``generation_reserve`` when it did not (vLLM fills a missing ``max_tokens`` with the whole remaining
-   context; that must not make a short request "long"). Under the growth modes (``"recompute"``,
-   ``"rerotate"``) it is the prompt alone: the scale follows the length, as in the paper's Dynamic
-   Scaling.
+3. At admission (:func:`choose_factor`) the length is, under the growth modes (``"recompute"``, the
+   default, and ``"rerotate"``), the prompt alone: the scale follows the length, as in the paper's
+   Dynamic Scaling. Under ``growth="reserve"`` it is the request's *planned length*: its prompt plus
+   ``max_tokens`` when the client set it, or plus the ``generation_reserve`` when it did not (vLLM fills a
+   missing ``max_tokens`` with the whole remaining context; that must not make a short request "long").
 4. Under a growth mode, a request about to compute a token past its bucket's capacity moves to the
    bucket its new length needs (:func:`grown_factor`); how its cached tokens follow is the engine's
    mechanism (a recompute at the new scale, or re-rotated keys). Under ``"reserve"`` the factor never

@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 
 from rope_ext import RopeScaling, default_buckets
-from rope_ext.config import DEFAULT_GENERATION_RESERVE
+from rope_ext.config import DEFAULT_GENERATION_RESERVE, DEFAULT_GROWTH
 from server.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def hf_overrides(scaling: RopeScaling, rope_theta: float) -> dict[str, Any]:
         params["generation_reserve"] = scaling.generation_reserve
     if scaling.finetuned_factor != 1:
         params["finetuned_factor"] = float(scaling.finetuned_factor)
-    if scaling.growth != "reserve":
+    if scaling.growth != DEFAULT_GROWTH:
         params["growth"] = scaling.growth
     return {"rope_parameters": params, "max_position_embeddings": scaling.max_context}
 

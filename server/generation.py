@@ -38,7 +38,16 @@ from starlette.types import Receive, Scope, Send
 
 from rope_ext import RopeConfigError, RopeScaling, validate_override
 from server.admission import Admission, admit, final_factor, resolve_override
-from server.errors import ClientClosedRequest, EngineError, GatewayError, ModelNotFound, envelope, error_response
+from server.errors import (
+    ClientClosedRequest,
+    EngineError,
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    envelope,
+    error_response,
+)
+from server.messages import MessageError, validate_messages
 from server.metrics import GatewayMetrics
 from server.schemas import ChatCompletionRequest, CompletionRequest
 from server.tokens import LocalTokenCounter
@@ -105,6 +114,12 @@ class Generation:
                     ) -> tuple[Admission, dict[str, Any]]:
         """The admission of a request (recorded in the metrics) and the body to send to the engine."""
         model = self.resolve_model(request.model)
+        if isinstance(request, ChatCompletionRequest):
+            try:  # as OpenAI validates them: a malformed message never reaches a chat template
+                validate_messages(request.messages)
+            except MessageError as exc:
+                self.metrics.rejected.inc()
+                raise InvalidRequest(str(exc), param=exc.param, code="invalid_value") from None
         xargs = dict(request.vllm_xargs or {})
         prompt_param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
         with self._counting_rejections():

@@ -137,7 +137,7 @@ class ChatCompletionRequest(RopeFields):
     engine's ``/tokenize``), and the generation budget."""
 
     model: str | None = None
-    messages: list[dict[str, Any]] = Field(min_length=1)
+    messages: list[Any] = Field(min_length=1, description="Validated as OpenAI does (server.messages).")
     max_tokens: TokenCount | None = None
     max_completion_tokens: TokenCount | None = None
     stream: bool = False

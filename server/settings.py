@@ -128,7 +128,7 @@ class GatewaySettings(BaseSettings):
     rope_finetuned_factor: float = Field(
         1.0, ge=1, description="Factor the model was fine-tuned at with YaRN; no request runs below it.")
     rope_growth: Literal["recompute", "reserve", "rerotate"] = Field(
-        "reserve", description="How a request's generation is provided for. `recompute`: it starts at the factor "
+        "recompute", description="How a request's generation is provided for. `recompute`: it starts at the factor "
         "of its prompt and, when it is about to outgrow that bucket, the engine computes it again at the bucket "
         "its length needs (vLLM's recompute preemption, exactly a fresh request at the new scale). `reserve`: "
         "its factor is chosen for prompt + max_tokens (or the generation reserve) up front and kept. `rerotate`: "

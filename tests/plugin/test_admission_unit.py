@@ -17,7 +17,7 @@ from rope_ext.vllm_plugin.config import scaling_from_rope_parameters
 pytest.importorskip("vllm")
 
 L = 8192
-SCALING = RopeScaling(method="dynamic_yarn", original_max_position=L, max_factor=8.0)
+SCALING = RopeScaling(method="dynamic_yarn", original_max_position=L, max_factor=8.0, growth="reserve")
 MAX_MODEL_LEN = SCALING.max_context
 
 

@@ -50,7 +50,9 @@ CASES = [
     ("token-id-bool", C, body(prompt=[True]), 400, "invalid_value", "prompt", ""),
     ("model-number", C, body(model=5), 400, "invalid_value", "model", "valid string"),
     ("xargs-list", C, body(vllm_xargs=[1]), 400, "invalid_value", "vllm_xargs", "valid dictionary"),
-    ("messages-not-objects", CHAT, chat(messages=[1, 2]), 400, "invalid_value", "messages", "valid dictionary"),
+    ("messages-not-objects", CHAT, chat(messages=[1, 2]), 400, "invalid_value", "messages[0]", "object with a role"),
+    ("message-bad-part", CHAT, chat(messages=[{"role": "user", "content": [{"type": "x"}]}]), 400, "invalid_value",
+     "messages[0].content[0]", "does not match any of the expected tags"),
     # missing fields / no object at all
     ("empty-body", C, b"", 400, "invalid_value", None, "Field required"),
     ("null-body", C, b"null", 400, "invalid_value", None, "Field required"),

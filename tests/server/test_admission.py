@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 
 from rope_ext import RopeConfigError, RopeScaling, choose_factor
-from server.admission import admit, resolve_override
+from server.admission import admit, final_factor, resolve_override
 from server.errors import ContextLengthExceeded, InvalidRequest
 
-SCALING = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0)
+SCALING = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, growth="reserve")
+GROWING = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0)  # the default
 
 
 @pytest.mark.parametrize("prompt", [0, 1, 7680, 7681, 8192, 12000, 16384, 30000, 40000, 65000])
@@ -29,6 +30,15 @@ def test_examples_of_the_policy() -> None:
     assert admit(12000, 256, SCALING).factor == 2.0
     assert admit(20000, 16, SCALING).factor == 4.0
     assert admit(65536, 0, SCALING).factor == 8.0
+
+
+def test_the_default_growth_starts_a_request_at_the_bucket_of_its_prompt() -> None:
+    assert admit(8000, None, GROWING).factor == 1.0   # it grows when it crosses L, not before
+    assert admit(8000, 193, GROWING).factor == 1.0
+    assert admit(12000, 256, GROWING).factor == 2.0
+    assert final_factor(admit(8000, None, GROWING), 8000, 194, GROWING) == 2.0  # 8193 tokens computed
+    assert final_factor(admit(8000, None, GROWING), 8000, 193, GROWING) == 1.0  # its last token is never fed
+    assert final_factor(admit(8000, 193, SCALING), 8000, 193, SCALING) == 2.0   # reserve: as it started
 
 
 def test_prompt_over_the_context_is_refused() -> None:

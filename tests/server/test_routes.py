@@ -15,7 +15,7 @@ from tests.server.fake_engine import MODEL, FakeEngine
 
 pytestmark = pytest.mark.anyio
 
-SCALING = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0)
+SCALING = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0)  # growth: recompute
 
 
 def words(n: int) -> str:
@@ -84,8 +84,8 @@ async def test_chat_counts_tokens_with_the_chat_template() -> None:
 async def test_chat_template_options_reach_tokenize() -> None:
     engine = FakeEngine()
     # the toy template adds 2 tokens around a message and 1 for the generation prompt: without it, the
-    # request plans exactly L = 8192 tokens (factor 1); with it, one more (factor 2)
-    content = words(8192 - 50 - 2)
+    # prompt is exactly L = 8192 tokens (factor 1); with it, one more (factor 2)
+    content = words(8192 - 2)
     async with gateway([engine]) as client:
         plain = await client.post("/v1/chat/completions", json={
             "messages": [{"role": "user", "content": content}], "max_tokens": 50})

@@ -1,5 +1,6 @@
-"""The ``growth`` setting of the policy: "reserve" (default, today's rule) against "rerotate" (admit at the
-smallest bucket that fits the prompt, move to a larger bucket when the request outgrows its own).
+"""The ``growth`` setting of the policy: the growth modes ("recompute", the default, and "rerotate": admit at
+the smallest bucket that fits the prompt, move to a larger bucket when the request outgrows its own)
+against "reserve" (sized for prompt plus generation up front).
 Default model settings: L = 8192, buckets 1, 2, 4, 8.
 """
 
@@ -10,14 +11,14 @@ import pytest
 from rope_ext import RopeConfigError, RopeScaling, choose_factor
 from rope_ext.policy import bucket_for_length, factor_at, grown_factor, grows, may_outgrow
 
-RESERVE = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0)
+RESERVE = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, growth="reserve")
 GROW = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, growth="rerotate")
 
 
-def test_default_is_reserve() -> None:
-    assert RESERVE.growth == "reserve"
+def test_default_is_recompute() -> None:
+    assert RopeScaling(original_max_position=8192, max_factor=8.0).growth == "recompute"
     assert RopeScaling.from_rope_parameters({"rope_type": "dynamic_yarn", "factor": 8.0},
-                                            max_position_embeddings=8192).growth == "reserve"
+                                            max_position_embeddings=8192).growth == "recompute"
     assert RopeScaling.from_rope_parameters({"rope_type": "dynamic_yarn", "factor": 8.0, "growth": "rerotate"},
                                             max_position_embeddings=8192).growth == "rerotate"
 

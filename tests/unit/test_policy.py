@@ -1,5 +1,7 @@
 """The per-request scale policy by example, for the default model's settings: L = 8192, served up to
-s = 8 (buckets 1, 2, 4, 8), a 512-token generation reserve when a request gives no ``max_tokens``.
+s = 8 (buckets 1, 2, 4, 8), a 512-token generation reserve when a request gives no ``max_tokens``. The
+examples size a request's bucket for its planned length, i.e. ``growth="reserve"``; the growth modes
+(tests/unit/test_growth_policy.py) read the prompt alone through the same rule.
 """
 
 from __future__ import annotations
@@ -8,11 +10,12 @@ import pytest
 
 from rope_ext import RopeScaling, choose_factor, planned_length
 
-DEFAULT = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0)
+DEFAULT = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, growth="reserve")
 
 
 def test_default_settings() -> None:
     assert DEFAULT.buckets == (1.0, 2.0, 4.0, 8.0)
+    assert RopeScaling(original_max_position=8192, max_factor=8.0).growth == "recompute"
     assert DEFAULT.generation_reserve == 512
     assert DEFAULT.max_context == 65536
 
@@ -52,7 +55,8 @@ def test_override_replaces_the_needed_scale_even_when_smaller() -> None:
 
 
 def test_finetuned_factor_is_a_floor() -> None:
-    tuned = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, finetuned_factor=2.0)
+    tuned = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, finetuned_factor=2.0,
+                        growth="reserve")
     assert choose_factor(100, None, tuned) == 2.0
     assert choose_factor(100, None, tuned, override=1) == 2.0
     assert choose_factor(12000, 256, tuned) == 2.0
@@ -61,12 +65,13 @@ def test_finetuned_factor_is_a_floor() -> None:
 
 
 def test_finetuned_factor_between_buckets_rounds_up() -> None:
-    tuned = RopeScaling(original_max_position=8192, max_factor=8.0, finetuned_factor=3.0)
+    tuned = RopeScaling(original_max_position=8192, max_factor=8.0, finetuned_factor=3.0, growth="reserve")
     assert choose_factor(100, None, tuned) == 4.0
 
 
 def test_custom_buckets_and_reserve() -> None:
-    scaling = RopeScaling(original_max_position=4096, max_factor=6.0, buckets=(1, 1.5, 3, 6), generation_reserve=0)
+    scaling = RopeScaling(original_max_position=4096, max_factor=6.0, buckets=(1, 1.5, 3, 6), generation_reserve=0,
+                          growth="reserve")
     assert [choose_factor(n, None, scaling) for n in (4096, 4097, 6144, 6145, 12288, 12289)] == [
         1.0, 1.5, 1.5, 3.0, 3.0, 6.0]
 
@@ -75,7 +80,7 @@ def test_bucket_capacity_is_compared_in_tokens() -> None:
     # Regression: 1799 / 1285 rounds to 1.4, yet floor(1285 * 1.4) = 1798 (1.4 is 1.3999... in binary), so
     # the request needs the next bucket.
     scaling = RopeScaling(original_max_position=1285, max_factor=8.0, buckets=(1, 1.4, 2, 4, 8),
-                          generation_reserve=0)
+                          generation_reserve=0, growth="reserve")
     assert scaling.capacity(1.4) == 1798
     assert choose_factor(1798, None, scaling) == 1.4
     assert choose_factor(1799, None, scaling) == 2.0
@@ -88,7 +93,8 @@ def test_decision_depends_only_on_the_request() -> None:
     assert choose_factor(100, None, DEFAULT) == first == 1.0
 
 
-HEADROOM = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, headroom=1.25)
+HEADROOM = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, headroom=1.25,
+                       growth="reserve")
 
 
 @pytest.mark.parametrize(("prompt", "max_tokens", "factor"), [
