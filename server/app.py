@@ -34,6 +34,7 @@ from server.middleware import (
     EndOnCancelMiddleware,
     RequestMetricsMiddleware,
 )
+from server.passkey_check import PROGRESS_ROUTE as PASSKEY_PROGRESS_ROUTE
 from server.passkey_check import ROUTE as PASSKEY_ROUTE
 from server.passkey_check import PasskeyChecker
 from server.schemas import ChatCompletionRequest, CompletionRequest
@@ -126,10 +127,11 @@ def create_app(settings: GatewaySettings, *, engine_pool: EnginePool | None = No
         body = envelope("no engine is ready", "server_error", code="no_engine_available")
         return JSONResponse({**body, "status": "not_ready", "engines": engines}, status_code=503)
 
-    @app.get(PASSKEY_ROUTE, summary="Passkey-retrieval self-check at a given prompt length")
+    @app.get(PASSKEY_ROUTE, summary="Passkey-retrieval self-check at a given context length")
     async def passkey(request: Request,
-                      len: str | None = Query(None, description="Prompt length in tokens.",  # noqa: A002
-                                              examples=["4096"]),
+                      len: str | None = Query(None, description="The request's context in tokens: a "  # noqa: A002
+                                              "prompt of len - 10 tokens (or up to 1 % fewer) and the 10-token "
+                                              "answer; at most the served maximum context.", examples=["4096"]),
                       depth: str | None = Query(None, description="Depth of the key in [0, 1].",
                                                 examples=["0.5"]),
                       seed: str | None = Query(None, description="Seed of the key and depth (default 0).",
@@ -139,6 +141,10 @@ def create_app(settings: GatewaySettings, *, engine_pool: EnginePool | None = No
         result = await checker.run(checker.parse(len=len, depth=depth, seed=seed))
         return JSONResponse(result, status_code=200 if result["passed"] else 503,
                             headers={FACTOR_HEADER: format_factor(result["rope_factor"])})
+
+    @app.get(PASSKEY_PROGRESS_ROUTE, summary="Progress of the running passkey self-check")
+    async def passkey_progress(request: Request) -> dict[str, Any]:
+        return request.app.state.passkey.progress()
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus(request: Request) -> Response:

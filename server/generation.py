@@ -33,6 +33,7 @@ from typing import Any
 
 import anyio
 import httpx
+
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -172,18 +173,25 @@ class Generation:
         self.metrics.rope_factor_final.observe(final)
         return final
 
-    async def complete(self, metrics_route: str, request: CompletionRequest) -> tuple[Admission, dict[str, Any]]:
+    async def complete(self, metrics_route: str, request: CompletionRequest, *,
+                       timeout: Any = httpx.USE_CLIENT_DEFAULT) -> tuple[Admission, dict[str, Any]]:
         """A non-streaming completion made by the gateway itself (the passkey check), admitted like any
-        request; metrics are recorded under ``metrics_route``."""
+        request; metrics are recorded under ``metrics_route``. ``timeout=None``: no read timeout (the
+        connection timeout stays)."""
         admission, body = await self.admit(metrics_route, request)
-        data, _ = await self.post(COMPLETIONS, body, metrics_route=metrics_route)
+        data, _ = await self.post(COMPLETIONS, body, metrics_route=metrics_route, timeout=timeout)
         return admission, data
 
-    async def post(self, route: str, body: dict[str, Any], *, metrics_route: str | None = None
-                   ) -> tuple[dict[str, Any], bytes]:
+    async def post(self, route: str, body: dict[str, Any], *, metrics_route: str | None = None,
+                   timeout: Any = httpx.USE_CLIENT_DEFAULT) -> tuple[dict[str, Any], bytes]:
         """A non-streaming generation call; returns the parsed and the raw answer."""
-        lease, response = await self.pool.send(
-            lambda engine: engine.client.build_request("POST", route, json=body))
+
+        def build(engine):
+            wait = timeout if timeout is httpx.USE_CLIENT_DEFAULT or timeout is not None else httpx.Timeout(
+                None, connect=engine.client.timeout.connect)
+            return engine.client.build_request("POST", route, json=body, timeout=wait)
+
+        lease, response = await self.pool.send(build)
         lease.release()
         if response.status_code >= 400:
             raise EngineError(response.status_code, response.content)

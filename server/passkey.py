@@ -106,11 +106,15 @@ def _check_args(target_tokens: int, depth: float | None, tolerance: float) -> No
         raise PasskeyBuildError(f"tolerance must be in [0, 1) (got {tolerance!r})")
 
 
-def _search(target: int, key: int, depth: float, tolerance: float) -> Generator[str, int, tuple[int, int]]:
+def _search(target: int, key: int, depth: float, tolerance: float, at_most: bool = False
+            ) -> Generator[str, int, tuple[int, int]]:
     """Sans-IO search for the haystack length: yields prompt texts, receives their token counts, returns
-    ``(haystack_chars, tokens)``."""
+    ``(haystack_chars, tokens)``. With ``at_most``, only counts at or below the target are accepted."""
     allowed = math.floor(tolerance * target)
     seen: dict[int, int] = {}
+
+    def gap(tokens: int) -> float:
+        return math.inf if at_most and tokens > target else abs(tokens - target)
 
     def measure(chars: int) -> Generator[str, int, int]:
         if chars not in seen:
@@ -144,22 +148,22 @@ def _search(target: int, key: int, depth: float, tolerance: float) -> Generator[
         if chars in seen:
             chars = (lo[0] + hi[0]) // 2
     def best() -> int:
-        return min(seen, key=lambda c: (abs(seen[c] - target), c))
+        return min(seen, key=lambda c: (gap(seen[c]), c))
 
     # The count can jump by two where one more character both starts a token at the end and moves the
     # cut; a few neighbours past the bracket usually land on the target.
     edge = hi[0] if hi is not None else chars
     for step in range(1, _NEIGHBOURS + 1):
-        if abs(seen[best()] - target) <= allowed or len(seen) >= _MAX_MEASUREMENTS:
+        if gap(seen[best()]) <= allowed or len(seen) >= _MAX_MEASUREMENTS:
             break
         for candidate in (edge + step, lo[0] - step):
             if candidate >= 0:
                 yield from measure(candidate)
     best_chars = best()
-    if abs(seen[best_chars] - target) <= allowed:
+    if gap(seen[best_chars]) <= allowed:
         return best_chars, seen[best_chars]
-    raise PasskeyBuildError(f"could not build a passkey prompt of {target} tokens within {tolerance:.0%} "
-                            f"(closest: {seen[best_chars]} tokens)")
+    raise PasskeyBuildError(f"could not build a passkey prompt of {target} tokens within {tolerance:.0%}"
+                            f"{' below' if at_most else ''} (closest: {seen[best_chars]} tokens)")
 
 
 def _finish(target: int, seed: int, key: int, depth: float, found: tuple[int, int]) -> PasskeyPrompt:
@@ -168,11 +172,13 @@ def _finish(target: int, seed: int, key: int, depth: float, found: tuple[int, in
 
 
 def build_passkey_prompt(target_tokens: int, count_tokens: Callable[[str], int], *, seed: int = 0,
-                         depth: float | None = None, tolerance: float = 0.01) -> PasskeyPrompt:
-    """A passkey prompt of ``target_tokens`` tokens as counted by ``count_tokens`` (see module docstring)."""
+                         depth: float | None = None, tolerance: float = 0.01, at_most: bool = False
+                         ) -> PasskeyPrompt:
+    """A passkey prompt of ``target_tokens`` tokens as counted by ``count_tokens`` (see module docstring);
+    with ``at_most``, never more than ``target_tokens`` (the tolerance applies below only)."""
     _check_args(target_tokens, depth, tolerance)
     key, depth = draw(seed, depth)
-    search = _search(target_tokens, key, depth, tolerance)
+    search = _search(target_tokens, key, depth, tolerance, at_most)
     try:
         text = next(search)
         while True:
@@ -182,12 +188,12 @@ def build_passkey_prompt(target_tokens: int, count_tokens: Callable[[str], int],
 
 
 async def abuild_passkey_prompt(target_tokens: int, count_tokens: Callable[[str], Awaitable[int]], *,
-                                seed: int = 0, depth: float | None = None, tolerance: float = 0.01
-                                ) -> PasskeyPrompt:
+                                seed: int = 0, depth: float | None = None, tolerance: float = 0.01,
+                                at_most: bool = False) -> PasskeyPrompt:
     """:func:`build_passkey_prompt` with an async token counter (e.g. an engine's /tokenize)."""
     _check_args(target_tokens, depth, tolerance)
     key, depth = draw(seed, depth)
-    search = _search(target_tokens, key, depth, tolerance)
+    search = _search(target_tokens, key, depth, tolerance, at_most)
     try:
         text = next(search)
         while True:

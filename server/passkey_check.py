@@ -1,12 +1,20 @@
 """The passkey self-check behind ``GET /healthz/passkey?len=N[&depth=D][&seed=S]``.
 
-Builds the paper's passkey prompt of N tokens (within 1 %) with :mod:`server.passkey`, counting tokens with
-the served model's tokenizer (:meth:`Generation.count_text`: the gateway's own, or an engine's
-``/tokenize``); admits it like any request (same factor policy, same context check); runs it greedily for
-:data:`server.passkey.MAX_NEW_TOKENS` tokens through ``/v1/completions``; and scores the first integer of
-the answer against the key. One run at a time (a concurrent call gets :class:`~server.errors.PasskeyBusy`,
-429 with Retry-After); a result for the same (len, depth, seed) is served again from a short cache,
-marked ``"cached": true``::
+``len`` is the request's whole context in tokens, as the benchmarks count a cell's length: the paper's
+passkey prompt (:mod:`server.passkey`) of ``N - 10`` tokens (exactly, or up to 1 % fewer, never more) plus
+the :data:`server.passkey.MAX_NEW_TOKENS` = 10 tokens of the answer, so every ``N`` up to the served
+maximum context fits (``len=65536`` on the default set-up). Tokens are counted with the served model's
+tokenizer (:meth:`Generation.count_text`: the gateway's own, or an engine's ``/tokenize``); the request is
+admitted like any other (same factor policy, same context check), run greedily through
+``/v1/completions`` without the generic request timeout (a 64k check takes about half an hour on CPU),
+and the first integer of the answer is scored against the key. One run at a time (a concurrent call gets
+:class:`~server.errors.PasskeyBusy`, 429 with Retry-After); a result for the same (len, depth, seed) is
+served again from a short cache, marked ``"cached": true``.
+
+While a check runs, :class:`Progress` reads the engines' ``ropeserve_engine_rope_tokens_total`` (the
+tokens they computed) every few seconds: the gateway logs how far the prefill is, at what rate, and the
+time left at that rate, and ``GET /healthz/passkey/progress`` returns the same (the client CLI shows it).
+Other traffic on the same engines counts too, so under load the progress reads ahead::
 
     checker = PasskeyChecker(generation, metrics, cache_ttl_s=30)
     params = checker.parse(len="4096", depth=None, seed=None)     # InvalidRequest on bad input
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import math
 import time
 from collections import OrderedDict
@@ -30,10 +39,12 @@ from server.passkey import MAX_NEW_TOKENS, PasskeyBuildError, abuild_passkey_pro
 from server.schemas import CompletionRequest
 
 MIN_LEN = 64
-# Room left below the maximum context for the answer (MAX_NEW_TOKENS) and the 1 % tolerance's slack.
-HEADROOM = 16
+logger = logging.getLogger(__name__)
 CACHE_ENTRIES = 32
 ROUTE = "/healthz/passkey"
+PROGRESS_ROUTE = "/healthz/passkey/progress"
+PROGRESS_INTERVAL_S = 5.0
+LOG_EVERY_S = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,17 +65,18 @@ class PasskeyChecker:
         self._cache: OrderedDict[PasskeyParams, tuple[float, dict[str, Any]]] = OrderedDict()
         self._run_started: float | None = None
         self._last_duration: float | None = None
+        self._progress: Progress | None = None
 
     @property
     def max_len(self) -> int:
-        return self.generation.scaling.max_context - HEADROOM
+        return self.generation.scaling.max_context
 
     def parse(self, *, len: str | None, depth: str | None, seed: str | None) -> PasskeyParams:  # noqa: A002
         """Validated parameters from the raw query strings, or :class:`InvalidRequest` saying what is wrong."""
         bounds = f"[{MIN_LEN}, {self.max_len}]"
         if len is None:
-            raise InvalidRequest(f"len is required: the prompt length in tokens, an integer in {bounds}",
-                                 param="len")
+            raise InvalidRequest(f"len is required: the request's context in tokens (the prompt and the "
+                                 f"{MAX_NEW_TOKENS}-token answer), an integer in {bounds}", param="len")
         try:
             length = int(len)
         except ValueError:
@@ -132,16 +144,29 @@ class PasskeyChecker:
         self._store(params, result)
         return result
 
+    def progress(self) -> dict[str, Any]:
+        """The running check's progress (``GET /healthz/passkey/progress``), or that none runs."""
+        if self._progress is None:
+            return {"running": False, "last_duration_s": None if self._last_duration is None
+                    else round(self._last_duration, 3)}
+        return {"running": True, **self._progress.snapshot()}
+
     async def _run(self, params: PasskeyParams) -> dict[str, Any]:
         started = self.clock()
         try:
-            prompt = await abuild_passkey_prompt(params.length, self.generation.count_text, seed=params.seed,
-                                                 depth=params.depth)
+            prompt = await abuild_passkey_prompt(params.length - MAX_NEW_TOKENS, self.generation.count_text,
+                                                 seed=params.seed, depth=params.depth, at_most=True)
         except PasskeyBuildError as exc:
             raise InvalidRequest(str(exc), param="len") from None
         built = self.clock()
         request = CompletionRequest(prompt=prompt.text, max_tokens=MAX_NEW_TOKENS, temperature=0.0)
-        admission, data = await self.generation.complete(ROUTE, request)
+        self._progress = Progress(self.generation.pool, params.length, prompt.tokens, self.clock)
+        watcher = asyncio.create_task(self._progress.watch())
+        try:
+            admission, data = await self.generation.complete(ROUTE, request, timeout=None)
+        finally:
+            watcher.cancel()
+            self._progress = None
         finished = self.clock()
         choices = data.get("choices") or [{}]
         answer = choices[0].get("text") or ""
@@ -177,3 +202,53 @@ class PasskeyChecker:
         self.metrics.passkey_last_time.set(time.time())
         return result
 
+
+
+class Progress:
+    """How far a running check's prefill is, from the engines' computed-token counters."""
+
+    def __init__(self, pool, length: int, prompt_tokens: int, clock: Callable[[], float]) -> None:
+        self.pool = pool
+        self.length = length
+        self.prompt_tokens = prompt_tokens
+        self.clock = clock
+        self.started = clock()
+        self.base: int | None = None
+        self.computed = 0
+
+    async def _computed_total(self) -> int | None:
+        from server.upstreams import rope_evidence_totals
+
+        totals = []
+        for engine in self.pool.engines:
+            try:
+                response = await engine.client.get("/metrics", timeout=self.pool.health_timeout_s)
+            except Exception:  # noqa: BLE001 - progress is best effort; the check itself reports failures
+                continue
+            if response.status_code == 200 and (total := rope_evidence_totals(response.text)) is not None:
+                totals.append(total)
+        return sum(totals) if totals else None
+
+    async def watch(self, interval_s: float = PROGRESS_INTERVAL_S) -> None:
+        self.base = await self._computed_total()
+        last_log = self.started
+        while True:
+            await asyncio.sleep(interval_s)
+            total = await self._computed_total()
+            if total is not None and self.base is not None:
+                self.computed = min(self.prompt_tokens, total - self.base)
+            if self.clock() - last_log >= LOG_EVERY_S:
+                last_log = self.clock()
+                snap = self.snapshot()
+                eta = "unknown" if snap["eta_s"] is None else f"about {snap['eta_s']:.0f} s"
+                logger.info("passkey len=%d: %d of %d prompt tokens computed (%.0f %%), %.0f s elapsed, %s left",
+                            self.length, snap["computed_tokens"], self.prompt_tokens,
+                            100 * snap["computed_tokens"] / self.prompt_tokens, snap["elapsed_s"], eta)
+
+    def snapshot(self) -> dict[str, Any]:
+        elapsed = self.clock() - self.started
+        rate = self.computed / elapsed if elapsed > 0 and self.computed else None
+        eta = None if rate is None else (self.prompt_tokens - self.computed) / rate
+        return {"len": self.length, "prompt_tokens": self.prompt_tokens, "computed_tokens": self.computed,
+                "elapsed_s": round(elapsed, 1), "tokens_per_s": None if rate is None else round(rate, 1),
+                "eta_s": None if eta is None else round(eta, 1)}

@@ -274,19 +274,29 @@ class EnginePool:
         return [engine.status() for engine in self.engines]
 
 
-def rope_evidence(metrics_text: str) -> tuple[int, int] | None:
-    """Tokens an engine scheduled and computed at factors above 1, from its ``/metrics``, or None when it
-    exports neither counter (no rope plugin)."""
+def _rope_samples(metrics_text: str):
     lines = "\n".join(line for line in metrics_text.splitlines()
                       if line.startswith(("ropeserve_engine_rope_tokens", "ropeserve_engine_rope_scheduled_tokens",
                                           "# TYPE ropeserve_engine_rope_")))
-    totals: dict[str, float] = {}
     for family in text_string_to_metric_families(lines):
-        for sample in family.samples:
-            if sample.name.endswith("_total") and sample.labels.get("factor") not in (None, "1"):
-                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
-            elif sample.name.endswith("_total"):
-                totals.setdefault(sample.name, 0.0)
+        yield from family.samples
+
+
+def rope_evidence_totals(metrics_text: str) -> int | None:
+    """Tokens an engine computed at every factor (``ropeserve_engine_rope_tokens_total``), or None."""
+    values = [s.value for s in _rope_samples(metrics_text) if s.name == "ropeserve_engine_rope_tokens_total"]
+    return int(sum(values)) if values else None
+
+
+def rope_evidence(metrics_text: str) -> tuple[int, int] | None:
+    """Tokens an engine scheduled and computed at factors above 1, from its ``/metrics``, or None when it
+    exports neither counter (no rope plugin)."""
+    totals: dict[str, float] = {}
+    for sample in _rope_samples(metrics_text):
+        if sample.name.endswith("_total") and sample.labels.get("factor") not in (None, "1"):
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+        elif sample.name.endswith("_total"):
+            totals.setdefault(sample.name, 0.0)
     names = ("ropeserve_engine_rope_scheduled_tokens_total", "ropeserve_engine_rope_tokens_total")
     if not all(name in totals for name in names):
         return None

@@ -10,6 +10,7 @@ default behaviour; every request is recorded in ``gateway.requests``.
 from __future__ import annotations
 
 import json
+import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -75,6 +76,8 @@ class FakeGateway:
         self.ready = True
         self.max_model_len = ORIGINAL_CONTEXT * 8
         self.passkey_passes: Callable[[int, float, int], bool] = lambda n, depth, seed: n <= ORIGINAL_CONTEXT
+        self.passkey_seconds = 0.0  # how long a check takes (real time: the CLI polls progress meanwhile)
+        self.passkey_running: dict[str, Any] | None = None
 
     # -- scripting ----------------------------------------------------------------------------------
     def queue(self, path: str, *answers: httpx.Response | Exception) -> None:
@@ -106,6 +109,9 @@ class FakeGateway:
                  "max_model_len": self.max_model_len}]}, headers={"x-rope-factor": "1.0"})
         if path == "/healthz/passkey":
             return self._passkey(request)
+        if path == "/healthz/passkey/progress":
+            return httpx.Response(200, json={"running": True, **self.passkey_running} if self.passkey_running
+                                  else {"running": False, "last_duration_s": None})
         if path in ("/v1/completions", "/v1/chat/completions") and request.method == "POST":
             return self._generate(path, json.loads(request.content))
         return error(404, f"no route {path}", "not_found_error", "not_found")
@@ -161,6 +167,11 @@ class FakeGateway:
         seed = int(request.url.params.get("seed", 0))
         passed = self.passkey_passes(n, depth, seed)
         key = 1000 + seed
+        if self.passkey_seconds:
+            self.passkey_running = {"len": n, "prompt_tokens": n - 10, "computed_tokens": (n - 10) // 2,
+                                    "elapsed_s": 3.0, "tokens_per_s": 100.0, "eta_s": 3.0}
+            time.sleep(self.passkey_seconds)
+            self.passkey_running = None
         factor = max(1.0, n / ORIGINAL_CONTEXT)
         result = {"passed": passed, "requested_tokens": n, "prompt_tokens": n - 3, "depth": depth,
                   "expected_key": key, "answer": f" {key}." if passed else " 42.", "rope_factor": factor,

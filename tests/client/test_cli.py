@@ -163,3 +163,14 @@ def test_console_script_entry_point():
     (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "ropeserve-client"]
     assert ep.load() is cli.main
     assert Client  # the CLI is a thin layer over the same client
+
+
+def test_a_long_check_shows_the_gateways_progress(gateway):
+    """While the passkey request waits (no read timeout), the CLI polls /healthz/passkey/progress."""
+    gateway.passkey_seconds = 0.5
+    seen = []
+    with Client(URL, transport=httpx.MockTransport(gateway), timeout=0.1) as client:
+        row = cli.run_point(client, 4000, 0.5, 0, on_progress=seen.append, every_s=0.05)
+    assert row.passed and row.error is None
+    assert seen and seen[0] == "1,995/3,990 tokens (50%), 3 s, about 3 s left"
+    assert cli.describe_progress({"computed_tokens": 0, "prompt_tokens": 0, "elapsed_s": 1}) == "0/0 tokens, 1 s"

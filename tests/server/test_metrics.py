@@ -55,7 +55,7 @@ async def test_metrics_after_traffic() -> None:
     assert value(s, "ropeserve_rope_factor_count") == 4
     assert value(s, "ropeserve_passkey_runs_total", result="passed") == 1
     assert value(s, "ropeserve_passkey_last_passed") == 1
-    assert value(s, "ropeserve_passkey_last_prompt_tokens") == 200
+    assert value(s, "ropeserve_passkey_last_prompt_tokens") == 190  # len is the context: 190 + 10 new
     assert value(s, "ropeserve_passkey_last_rope_factor") == 1
     assert value(s, "ropeserve_engine_healthy", engine="http://engine-0.test:8000") == 1
     assert value(s, "ropeserve_engine_healthy", engine="http://engine-1.test:8000") == 0

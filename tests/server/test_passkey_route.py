@@ -53,8 +53,8 @@ async def test_passkey_failure_is_503_with_the_result() -> None:
     ({}, "len", "required"),
     ({"len": "abc"}, "len", "integer"),
     ({"len": "100.5"}, "len", "integer"),
-    ({"len": 63}, "len", "[64, 65520]"),
-    ({"len": 65521}, "len", "[64, 65520]"),
+    ({"len": 63}, "len", "[64, 65536]"),
+    ({"len": 65537}, "len", "[64, 65536]"),
     ({"len": 1000, "depth": "deep"}, "depth", "[0, 1]"),
     ({"len": 1000, "depth": 1.5}, "depth", "[0, 1]"),
     ({"len": 1000, "depth": "nan"}, "depth", "[0, 1]"),
@@ -71,12 +71,39 @@ async def test_bad_parameters_are_400(params, param, contains) -> None:
 
 
 async def test_edges_of_the_length_range_run() -> None:
+    """len is the whole context: a prompt of len - 10 tokens and the 10-token answer, so the served maximum
+    context itself (the mission's len=65536) fits."""
     engine = FakeEngine()
     async with gateway([engine]) as client:
         low = await client.get("/healthz/passkey", params={"len": 64})
-        high = await client.get("/healthz/passkey", params={"len": 65520})
-    assert low.status_code == 200 and low.json()["prompt_tokens"] == 64
+        high = await client.get("/healthz/passkey", params={"len": 65536})
+    assert low.status_code == 200 and low.json()["prompt_tokens"] == 54
     assert high.status_code == 200 and high.json()["rope_factor"] == 8.0
+    assert 65536 - 10 - 655 <= high.json()["prompt_tokens"] <= 65536 - 10  # never over, at most 1 % under
+    assert engine.requests[-1][1]["max_tokens"] == 10
+
+
+async def test_the_check_waits_past_the_request_timeout_and_reports_progress() -> None:
+    """A check slower than request_timeout_s still answers; meanwhile /healthz/passkey/progress says how far
+    the engine's computed-token counter has gone."""
+    import anyio
+
+    engine = FakeEngine(token_delay_s=0.3)  # 5 answer tokens: 1.5 s, past the 0.5 s request timeout
+    async with gateway([engine], request_timeout_s=0.5) as client:
+        async with anyio.create_task_group() as tasks:
+            results = {}
+
+            async def check() -> None:
+                results["check"] = await client.get("/healthz/passkey", params={"len": 1000})
+
+            tasks.start_soon(check)
+            await anyio.sleep(0.2)
+            results["progress"] = await client.get("/healthz/passkey/progress")
+        after = await client.get("/healthz/passkey/progress")
+    assert results["check"].status_code == 200 and results["check"].json()["passed"]
+    running = results["progress"].json()
+    assert running["running"] is True and running["len"] == 1000 and running["prompt_tokens"] == 990
+    assert after.json()["running"] is False and after.json()["last_duration_s"] > 1
 
 
 async def test_a_tokenizer_that_cannot_fit_the_prompt_gives_a_clear_400() -> None:

@@ -9,7 +9,9 @@ The gateway is ``--url`` (or $ROPESERVE_URL, default http://127.0.0.1:8000) and 
 (or $ROPESERVE_API_KEY). Exit status: 0 on success, 1 when the gateway answered with an error (its
 message is printed as it came), 2 on bad usage; ``passkey --strict`` also exits 1 on any miss, and
 ``health`` exits 1 when the gateway is not ready. The progress bar and tables use rich when it is
-installed (the ``cli`` extra) and plain text otherwise.
+installed (the ``cli`` extra) and plain text otherwise. While a long passkey check runs, the progress shows
+how far the engine's prefill is, the elapsed time and the time left at the measured rate (from the
+gateway's ``/healthz/passkey/progress``).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import csv
 import itertools
 import os
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
@@ -83,14 +86,43 @@ def sweep_points(lengths: Sequence[int], depths: Sequence[float], seeds: Sequenc
     return list(itertools.product(lengths, depths, seeds))
 
 
-def run_point(client: Client, length: int, depth: float, seed: int) -> SweepRow:
-    """One passkey check; a failed request is recorded in the row rather than ending the sweep."""
+def describe_progress(progress: dict[str, Any]) -> str:
+    """'12,288/65,526 tokens (19%), 95 s, about 410 s left' from /healthz/passkey/progress."""
+    done, total = progress.get("computed_tokens", 0), progress.get("prompt_tokens") or 0
+    text = f"{done:,}/{total:,} tokens" + (f" ({done / total:.0%})" if total else "")
+    text += f", {progress.get('elapsed_s', 0):.0f} s"
+    if progress.get("eta_s") is not None:
+        text += f", about {progress['eta_s']:.0f} s left"
+    return text
+
+
+def run_point(client: Client, length: int, depth: float, seed: int,
+              on_progress: Callable[[str], None] | None = None, every_s: float = 2.0) -> SweepRow:
+    """One passkey check; a failed request is recorded in the row rather than ending the sweep. While it
+    runs, ``on_progress`` gets the gateway's progress every ``every_s`` seconds (elapsed time and time
+    left at the measured prefill rate)."""
     row = SweepRow(length, depth, seed)
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(every_s):
+            try:
+                progress = client.passkey_progress()
+            except RopeserveError:
+                continue
+            if progress.get("running") and progress.get("len") == length:
+                on_progress(describe_progress(progress))
+
+    watcher = threading.Thread(target=watch, daemon=True) if on_progress is not None else None
+    if watcher is not None:
+        watcher.start()
     try:
         r = client.passkey(length, depth=depth, seed=seed)
     except RopeserveError as err:
         row.error = f"{type(err).__name__}: {err.message}"
         return row
+    finally:
+        done.set()
     row.passed, row.prompt_tokens, row.expected_key = r.passed, r.prompt_tokens, r.expected_key
     row.answer, row.rope_factor, row.latency_s, row.cached = r.answer, r.rope_factor, r.latency_s, r.cached
     return row
@@ -148,12 +180,18 @@ def _sweep(client: Client, args: argparse.Namespace) -> int:
         with rich.progress.Progress(*columns, console=console) as progress:
             task = progress.add_task("passkey", total=len(points))
             for length, depth, seed in points:
-                progress.update(task, description=f"passkey len={length} depth={depth:g} seed={seed}")
-                rows.append(run_point(client, length, depth, seed))
+                label = f"passkey len={length} depth={depth:g} seed={seed}"
+                progress.update(task, description=label)
+                rows.append(run_point(client, length, depth, seed, on_progress=lambda text, label=label:
+                                      progress.update(task, description=f"{label}: {text}")))
                 progress.advance(task)
     else:
         for i, (length, depth, seed) in enumerate(points, 1):
-            row = run_point(client, length, depth, seed)
+            def show(text: str, i=i, length=length) -> None:
+                print(f"[{i}/{len(points)}] len={length}: {text}", file=sys.stderr)
+
+            row = run_point(client, length, depth, seed, on_progress=None if args.no_progress else show,
+                            every_s=30.0)
             rows.append(row)
             verdict = "passed" if row.passed else ("error" if row.error else "missed")
             if not args.no_progress:

@@ -219,6 +219,11 @@ class _Base:
             self.headers["authorization"] = f"Bearer {api_key}"
         self.headers.update(headers or {})
 
+    def _no_read_timeout(self) -> httpx.Timeout:
+        """This client's timeouts without a read timeout (the connection still times out)."""
+        return httpx.Timeout(connect=self.timeout.connect, read=None, write=self.timeout.write,
+                             pool=self.timeout.pool)
+
     @staticmethod
     def _body(
         model: str,
@@ -306,12 +311,13 @@ class Client(_Base):
         stream: bool = False,
         accept: Accept | None = None,
         retry: bool = True,
+        timeout: float | httpx.Timeout | None = None,
     ) -> httpx.Response:
         url = self.base_url + path
         attempt = 0
         while True:
             request = self._http.build_request(
-                method, url, json=json, params=params, headers=self.headers, timeout=self.timeout
+                method, url, json=json, params=params, headers=self.headers, timeout=timeout or self.timeout
             )
             try:
                 response = self._http.send(request, stream=stream)
@@ -433,11 +439,17 @@ class Client(_Base):
             self._sleep(interval)
 
     def passkey(self, length: int, *, depth: float = 0.5, seed: int = 0) -> PasskeyResult:
-        """GET /healthz/passkey: hide a key at ``depth`` in a ``length``-token prompt and ask for it.
-        A miss is a result (``passed`` False), not an error; 429 (one already running) is retried."""
+        """GET /healthz/passkey: hide a key at ``depth`` in a request of ``length`` tokens (the prompt and
+        the 10-token answer) and ask for it. A miss is a result (``passed`` False), not an error; 429 (one
+        already running) is retried. No read timeout: a long check takes as long as the engine needs."""
         params = {"len": length, "depth": depth, "seed": seed}
-        response = self._send("GET", "/healthz/passkey", params=params, accept=_is_passkey_result)
+        response = self._send("GET", "/healthz/passkey", params=params, accept=_is_passkey_result,
+                              timeout=self._no_read_timeout())
         return self._passkey_result(response, seed)
+
+    def passkey_progress(self) -> dict[str, Any]:
+        """GET /healthz/passkey/progress: the running check's progress, or ``{"running": False, ...}``."""
+        return self._send("GET", "/healthz/passkey/progress", retry=False).json()
 
     def close(self) -> None:
         if self._owns_http:
@@ -481,12 +493,13 @@ class AsyncClient(_Base):
         stream: bool = False,
         accept: Accept | None = None,
         retry: bool = True,
+        timeout: float | httpx.Timeout | None = None,
     ) -> httpx.Response:
         url = self.base_url + path
         attempt = 0
         while True:
             request = self._http.build_request(
-                method, url, json=json, params=params, headers=self.headers, timeout=self.timeout
+                method, url, json=json, params=params, headers=self.headers, timeout=timeout or self.timeout
             )
             try:
                 response = await self._http.send(request, stream=stream)
@@ -601,8 +614,12 @@ class AsyncClient(_Base):
 
     async def passkey(self, length: int, *, depth: float = 0.5, seed: int = 0) -> PasskeyResult:
         params = {"len": length, "depth": depth, "seed": seed}
-        response = await self._send("GET", "/healthz/passkey", params=params, accept=_is_passkey_result)
+        response = await self._send("GET", "/healthz/passkey", params=params, accept=_is_passkey_result,
+                                    timeout=self._no_read_timeout())
         return self._passkey_result(response, seed)
+
+    async def passkey_progress(self) -> dict[str, Any]:
+        return (await self._send("GET", "/healthz/passkey/progress", retry=False)).json()
 
     async def aclose(self) -> None:
         if self._owns_http:
