@@ -14,16 +14,16 @@ exact, to the last logprob:
   scales changes from step to step: requests at factors 1, 2 and 4 (forced) with prompts of different
   lengths (so chunked prefill lets them join at different steps) and different numbers of new tokens (so
   they finish at different steps), each compared with itself alone. That is the case that breaks a
-  captured graph if any per-step input is a fresh tensor instead of a buffer updated in place.
-
-The CPU attention's split-KV heuristic depends on the batch (``VLLM_CPU_ATTN_SPLIT_KV=0`` turns it off,
-as the benchmarks do), which is why the changing decode batches can be compared exactly.
+  captured graph if any per-step input is a fresh tensor instead of a buffer updated in place: a request
+  read at another request's factor moves its logprobs by 1e-2 or more.
 
 Requests submitted together reach the engine core one by one, so which of them share a step depends on
 timing, and stock vLLM CPU is not bitwise invariant to that even in float32 (measured: |logprob
-difference| about 5e-6 for a 6000-token prompt run alone and next to others). Results inside the mixed
-batch are therefore compared with the ISOLATION_TOLERANCE; everything else exactly. Two engines run at a
-time, each bound to its own core. About seven minutes on two cores.
+difference| about 5e-6 for a 6000-token prompt run alone and next to others; 2e-6 in the changing decode
+batches even with the CPU attention's batch-dependent split-KV turned off: matrix products round
+differently with the number of rows in a step). Results among others are therefore compared
+with the ISOLATION_TOLERANCE; everything else exactly. Two engines run at a time, each bound to its own
+core. About ten minutes on two cores.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ STATIC_YARN_2 = {"rope_parameters": {"rope_type": "yarn", "rope_theta": ROPE_THE
 
 def _spec(model_dir: str, core: int, hf_overrides=None, **env) -> EngineSpec:
     return EngineSpec(model=model_dir, dtype="float32", max_model_len=MAX_MODEL_LEN, hf_overrides=hf_overrides,
-                      env={"VLLM_CPU_OMP_THREADS_BIND": str(core), "VLLM_CPU_ATTN_SPLIT_KV": "0", **env},
+                      env={"VLLM_CPU_OMP_THREADS_BIND": str(core), **env},
                       extra={"enforce_eager": False})
 
 
@@ -138,8 +138,7 @@ def test_prefix_cache_is_reused_at_the_same_scale(runs):
 def test_decode_batches_whose_scales_change_give_each_request_what_it_gives_alone(runs, index):
     together, alone = runs["changing"][index], runs["changing_alone"][index]
     assert len(together.token_ids) == CHANGING[index][2]
-    assert together.token_ids == alone.token_ids
-    assert together.logprobs == alone.logprobs  # exact
+    assert _close(together, alone)
 
 
 def test_every_scheduled_token_was_computed_at_its_factor(runs):
