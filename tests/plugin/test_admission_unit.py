@@ -149,3 +149,33 @@ def test_invalid_plugin_settings_name_the_field():
         scaling_from_rope_parameters({"rope_type": "dynamic_yarn", "factor": 0.5}, 8192)
     with pytest.raises(RopeConfigError, match="finetuned_factor"):
         scaling_from_rope_parameters({"rope_type": "dynamic_yarn", "factor": 4.0, "finetuned_factor": 8}, 8192)
+
+
+def test_gateway_and_engine_can_never_disagree():
+    """The gateway answers x-rope-factor before the engine does, with the same policy call; the engine sees
+    the request as vLLM hands it over (a missing max_tokens filled with the rest of the context). Over
+    every growth mode, bucket list, length, limit and override, both choose the same factor."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from server.admission import admit as gateway_admit
+
+    modes = st.sampled_from(["recompute", "reserve", "rerotate"])
+    bucket_lists = st.sampled_from([None, (1.0, 1.5, 3.0, 8.0), (1.0, 2 ** 0.5, 2.0, 4.0, 8.0)])
+    headrooms = st.sampled_from([1.0, 1.25])
+
+    @settings(max_examples=300, deadline=None)
+    @given(growth=modes, buckets=bucket_lists, headroom=headrooms, prompt=st.integers(1, MAX_MODEL_LEN - 1),
+           limit=st.one_of(st.none(), st.integers(1, MAX_MODEL_LEN)),
+           override=st.one_of(st.none(), st.floats(1.0, 8.0, allow_nan=False)))
+    def check(growth, buckets, headroom, prompt, limit, override):
+        scaling = RopeScaling(method="dynamic_yarn", original_max_position=L, max_factor=8.0, buckets=buckets,
+                              growth=growth, headroom=headroom)
+        if limit is not None and prompt + limit > MAX_MODEL_LEN:
+            limit = MAX_MODEL_LEN - prompt or None  # the gateway refuses the rest (context length, a 400)
+        gateway = gateway_admit(prompt, limit, scaling, override=override).factor
+        filled = limit if limit is not None else MAX_MODEL_LEN - prompt  # what vLLM passes the engine core
+        request = _request(prompt, filled, extra_args=None if override is None else {"rope_factor": override})
+        assert admit(request, scaling, MAX_MODEL_LEN).factor == gateway
+
+    check()

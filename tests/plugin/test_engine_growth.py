@@ -4,8 +4,9 @@ keeps working (vLLM's OpenAI server, default model, float32, compiled CPU mode, 
 Settings, small so that one engine serves the module: L = 1000 (``original_max_position_embeddings``),
 buckets 1, 2, 4 (capacities 1000, 2000, 4000 tokens), served context 4000. What is checked:
 
-- A request without ``max_tokens`` (vLLM fills in the rest of the context) grows from 1 to 2 at 1001
-  tokens and from 2 to 4 at 2001, and runs to the end of the context; after each crossing its tokens and
+- A request without a limit of its own (``max_tokens`` the rest of the context: what vLLM fills in when a
+  chat request sets none; completions default to 16) grows from 1 to 2 at 1001 tokens and from 2 to 4 at
+  2001, and runs to the end of the context; after each crossing its tokens and
   logprobs equal, exactly, a fresh request of the same tokens at the new scale (the recompute is a fresh
   prefill under the new scale's cache salt). The engine's counters show both growths and no token past
   its bucket's capacity.
@@ -73,7 +74,8 @@ def complete(engine: ApiEngine, prompt: list[int], **body) -> tuple[list[int], l
 def test_a_request_without_max_tokens_grows_through_every_bucket(engine, book_tokens):
     prompt = book_tokens[:PROMPT_LEN]
     before = counters(engine)
-    tokens, logprobs, data = complete(engine, prompt)  # no max_tokens: to the end of the context
+    # the rest of the context, as vLLM fills in a missing max_tokens (read by the plugin as "not set")
+    tokens, logprobs, data = complete(engine, prompt, max_tokens=MAX_MODEL_LEN - PROMPT_LEN)
     after = counters(engine)
     assert len(tokens) == MAX_MODEL_LEN - PROMPT_LEN == data["usage"]["completion_tokens"]
     grown = {f: after["ropeserve_engine_rope_grown_total"][f] - before["ropeserve_engine_rope_grown_total"][f]
@@ -82,14 +84,17 @@ def test_a_request_without_max_tokens_grows_through_every_bucket(engine, book_to
     past = after["ropeserve_engine_rope_tokens_past_capacity_total"]
     assert sum(past.values()) == sum(before["ropeserve_engine_rope_tokens_past_capacity_total"].values()) == 0
     # At 1001 tokens (11 generated) it moved to 2, at 2001 (1011 generated) to 4; from there on it is a fresh
-    # request of the same tokens at the new scale, token for token and logprob for logprob.
+    # request of the same tokens at the new scale, token for token and logprob for logprob. (The fresh
+    # requests are salted apart: a hit on the grower's cached blocks would compute the same numbers in
+    # other chunks, equal only to float32 rounding.)
     for generated, factor in ((11, 2), (1011, 4)):
         fresh, fresh_logprobs, _ = complete(engine, prompt + tokens[:generated], max_tokens=16,
-                                            vllm_xargs={"rope_factor": factor})
+                                            vllm_xargs={"rope_factor": factor}, cache_salt=f"fresh-{factor}")
         assert fresh == tokens[generated:generated + 16]
         assert fresh_logprobs == logprobs[generated:generated + 16]
     # and before the first crossing it was the unscaled model: a request pinned at 1 agrees
-    pinned, pinned_logprobs, _ = complete(engine, prompt, max_tokens=10, vllm_xargs={"rope_factor": 1})
+    pinned, pinned_logprobs, _ = complete(engine, prompt, max_tokens=10, vllm_xargs={"rope_factor": 1},
+                                          cache_salt="pinned")
     assert pinned == tokens[:10] and pinned_logprobs == logprobs[:10]
 
 

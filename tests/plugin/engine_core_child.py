@@ -1,0 +1,70 @@
+"""A child process for tests/plugin/test_engine_core.py: vLLM's engine in this one process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so that the scheduler's requests can be read and the plugin's
+hook broken on purpose. Prints one JSON object::
+
+    python tests/plugin/engine_core_child.py MODEL_DIR admission    # API path vs the engine core directly
+    python tests/plugin/engine_core_child.py MODEL_DIR broken       # the runner's fill disabled
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+L = 1000
+OVERRIDES = {"rope_parameters": {"rope_type": "dynamic_yarn", "rope_theta": 100000.0, "factor": 4.0,
+                                 "original_max_position_embeddings": L}, "max_position_embeddings": 4 * L}
+
+
+def main(model: str, what: str) -> None:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.v1.engine import EngineCoreRequest
+
+    from rope_ext.vllm_plugin import register, stats
+    from rope_ext.vllm_plugin.runner import RunnerRope
+    from rope_ext.vllm_plugin.scheduler import SchedulerRope
+
+    register()
+    admitted: dict[str, dict] = {}
+    original_added = SchedulerRope.added
+
+    def added(self, request) -> None:
+        admitted[request.request_id] = {"factor": request.ropeserve.factor, "cache_salt": request.cache_salt,
+                                        "block_hashes": [h.hex() for h in request.block_hashes[:2]]}
+        original_added(self, request)
+
+    SchedulerRope.added = added
+    if what == "broken":
+        RunnerRope.fill = lambda self, *args: None  # a vLLM change that skips the plugin's fill, simulated
+    llm = LLM(model=model, dtype="float32", max_model_len=4 * L, hf_overrides=OVERRIDES, enforce_eager=True,
+              max_num_seqs=4)
+    prompt = [(7 * i) % 30000 + 100 for i in range(1500)]  # past L: factor 2
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    llm.generate([TokensPrompt(prompt_token_ids=prompt)], [params], use_tqdm=False)
+    out: dict = {"api": next(iter(admitted.values()))}
+    if what == "admission":
+        core = llm.llm_engine.engine_core  # the in-process client; its engine core
+        direct = EngineCoreRequest(request_id="direct-1", prompt_token_ids=prompt, mm_features=None,
+                                   sampling_params=SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
+                                   pooling_params=None, arrival_time=time.time(), lora_request=None,
+                                   cache_salt=None, data_parallel_rank=None)
+        core.add_request(direct)
+        while core.engine_core.scheduler.has_requests():
+            core.engine_core.step()
+        out["direct"] = admitted["direct-1"]
+    out["counters"] = {kind: values[:4].tolist() for kind, values in stats.read_counters().items()}
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    registry.register(stats.RopeCollector())
+    out["metrics"] = generate_latest(registry).decode()  # what vLLM's /metrics would show of the plugin
+    print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

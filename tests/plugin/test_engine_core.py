@@ -1,0 +1,93 @@
+"""The one decider, on the real engine core: every request is admitted where it enters the engine core,
+whichever way it comes; and the engine's counters prove the scale is applied, so a broken hook shows.
+
+The engine runs in one child process (vLLM's in-process engine core, tests/plugin/engine_core_child.py)
+so that its scheduler can be read and the plugin's fill disabled on purpose (default model, float32,
+L = 1000, factor 4). A streaming-input session is checked on the engine core's own entry point with the
+scheduler standing in as the one dict it reads.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.engine
+
+CHILD = Path(__file__).with_name("engine_core_child.py")
+
+
+def _child(model_dir: str, what: str) -> dict:
+    result = subprocess.run([sys.executable, str(CHILD), model_dir, what], capture_output=True, text=True,
+                            timeout=900, cwd=Path(__file__).resolve().parents[2])
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"the engine child failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_a_request_submitted_to_the_engine_core_directly_is_admitted_as_through_the_api(model_dir):
+    """An EngineCoreRequest added to the engine core (no InputProcessor, no OpenAI front-end) gets the same
+    factor, cache salt and block hashes as the same prompt through vLLM's own front-end."""
+    out = _child(model_dir, "admission")
+    assert out["api"]["factor"] == out["direct"]["factor"] == 2.0
+    assert out["api"]["cache_salt"] == out["direct"]["cache_salt"] == "|ropeserve-rope-factor=2.0"
+    assert out["api"]["block_hashes"] == out["direct"]["block_hashes"]
+    assert out["counters"]["scheduled"] == out["counters"]["computed"]
+
+
+def test_a_broken_hook_shows_in_the_counters_and_fails_the_gateways_check(model_dir):
+    """The runner's fill disabled (as a vLLM change that skipped it would): the scheduler still schedules
+    tokens at factor 2, the workers compute none at it, and the gateway's health check says so."""
+    from server.upstreams import rope_evidence
+
+    out = _child(model_dir, "broken")
+    assert out["counters"]["scheduled"][1] == 1501 and out["counters"]["computed"][1] == 0
+    assert rope_evidence(out["metrics"]) == (1501, 0)
+
+
+def test_a_streaming_sessions_later_chunks_keep_its_scale(hasher_and_rope):
+    """The first chunk of a resumable session is admitted; a later chunk (same request id, the session in
+    the scheduler) is not re-admitted on its own length: the session's scale stays the session's."""
+    from vllm import SamplingParams
+    from vllm.v1.engine import EngineCoreRequest
+    from vllm.v1.engine.core import EngineCore
+
+    hasher, rope = hasher_and_rope
+    calls = []
+
+    def chunk(n: int) -> EngineCoreRequest:
+        return EngineCoreRequest(request_id="session", prompt_token_ids=list(range(n)), mm_features=None,
+                                 sampling_params=SamplingParams(max_tokens=4), pooling_params=None, arrival_time=0.0,
+                                 lora_request=None, cache_salt=None, data_parallel_rank=None, resumable=True)
+
+    scheduler = types.SimpleNamespace(requests={}, _ropeserve=rope)
+    core = types.SimpleNamespace(scheduler=scheduler, mm_receiver_cache=None, request_block_hasher=hasher)
+    first, _ = EngineCore.preprocess_add_request(core, chunk(100))
+    calls.append(first.ropeserve.factor)
+    scheduler.requests["session"] = first
+    later_request = chunk(3000)  # on its own length it would need factor 4
+    later, _ = EngineCore.preprocess_add_request(core, later_request)
+    assert calls == [1.0] and not hasattr(later, "ropeserve")
+    assert later_request.cache_salt is None and "rope_factor" not in (later_request.sampling_params.extra_args or {})
+
+
+@pytest.fixture
+def hasher_and_rope(tmp_path, monkeypatch):
+    from vllm.utils.hashing import sha256_cbor
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+
+    from rope_ext import RopeScaling
+    from rope_ext.vllm_plugin import register
+    from rope_ext.vllm_plugin.admission import EngineRope
+    from rope_ext.vllm_plugin.scheduler import SchedulerRope
+
+    monkeypatch.setenv("ROPESERVE_METRICS_DIR", str(tmp_path))
+    register()
+    init_none_hash(sha256_cbor)
+    scaling = RopeScaling(method="dynamic_yarn", original_max_position=1000, max_factor=4.0)
+    return get_request_block_hasher(16, sha256_cbor), SchedulerRope(EngineRope(scaling, 4000))
