@@ -80,6 +80,7 @@ def image(docker_env) -> str:
     _run("scripts/container_images.sh", env=docker_env, timeout=1800)
     _run("docker", "build", "--network", "none", "--build-arg", "BASE_IMAGE=ropeserve-base:bookworm",
          "-t", "ropeserve:cpu", ".", env=docker_env, timeout=2400)
+    _run("docker", "image", "prune", "-f", check=False)  # earlier builds' layers
     return "ropeserve:cpu"
 
 
@@ -90,9 +91,10 @@ def stack(image, docker_env):
            str(ports["prometheus"]), "ROPESERVE_BIND": "127.0.0.1", "ROPESERVE_IMAGE": image,
            "PROMETHEUS_IMAGE": "ropeserve-prometheus:debian", "ROPESERVE_API_KEYS": ""}
     compose = ["docker", "compose", "-p", PROJECT, "-f", "docker-compose.yml"]
-    _run(*compose, "up", "-d", "--no-build", env=env, timeout=600)
     gateway = f"http://127.0.0.1:{ports['gateway']}"
     try:
+        # up waits for the engine's healthcheck (its start period is 600 s) before it starts the gateway
+        _run(*compose, "up", "-d", "--no-build", env=env, timeout=1500)
         _wait(f"{gateway}/readyz", 900)
         yield {"gateway": gateway, "prometheus": f"http://127.0.0.1:{ports['prometheus']}", "compose": compose,
                "env": env}
