@@ -14,6 +14,8 @@ the benchmarks all call it. For a model with original context L and buckets
    Dynamic Scaling. Under ``growth="reserve"`` it is the request's *planned length*: its prompt plus
    ``max_tokens`` when the client set it, or plus the ``generation_reserve`` when it did not (vLLM fills a
    missing ``max_tokens`` with the whole remaining context; that must not make a short request "long").
+   A ``max_tokens`` that reaches the end of the context is read as not set (:func:`requested_max_tokens`):
+   the engine sees no difference between the two.
 4. Under a growth mode, a request about to compute a token past its bucket's capacity moves to the
    bucket its new length needs (:func:`grown_factor`); how its cached tokens follow is the engine's
    mechanism (a recompute at the new scale, or re-rotated keys). Under ``"reserve"`` the factor never
@@ -51,6 +53,15 @@ def smallest_bucket_at_least(scale: float, scaling: RopeScaling) -> float:
         if bucket >= scale:
             return bucket
     return scaling.buckets[-1]
+
+
+def requested_max_tokens(prompt_tokens: int, max_tokens: int | None, context: int) -> int | None:
+    """``max_tokens`` as a limit, or None when it is absent or reaches the end of the ``context``: vLLM fills
+    a missing ``max_tokens`` with the rest of the context, so the engine cannot tell the two apart, and
+    every caller reads both as "not set" (rule 3)."""
+    if max_tokens is None or prompt_tokens + max_tokens >= context:
+        return None
+    return max_tokens
 
 
 def planned_length(prompt_tokens: int, max_tokens: int | None, scaling: RopeScaling) -> int:

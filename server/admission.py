@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from rope_ext import RopeScaling, choose_factor, planned_length
-from rope_ext.policy import factor_at
+from rope_ext.policy import factor_at, requested_max_tokens
 from server.errors import ContextLengthExceeded, InvalidRequest
 
 PLAIN_ROPE = "default"
@@ -68,9 +68,9 @@ def admit(prompt_tokens: int, max_tokens: int | None, scaling: RopeScaling, *, o
             f"This model's maximum context length is {limit} tokens. However, you requested "
             f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
             "completion). Please reduce the length of the prompt or max_tokens.", param="max_tokens")
-    factor = choose_factor(prompt_tokens, max_tokens, scaling, override=override)
-    return Admission(prompt_tokens, max_tokens, planned_length(prompt_tokens, max_tokens, scaling), factor,
-                     override)
+    stated = requested_max_tokens(prompt_tokens, max_tokens, limit)  # as the engine will read it
+    factor = choose_factor(prompt_tokens, stated, scaling, override=override)
+    return Admission(prompt_tokens, max_tokens, planned_length(prompt_tokens, stated, scaling), factor, override)
 
 
 def final_factor(admission: Admission, prompt_tokens: int, completion_tokens: int, scaling: RopeScaling) -> float:

@@ -96,8 +96,10 @@ def engine_command(settings: GatewaySettings, *, model_dir: Path, port: int, rop
 
 
 def engine_env(settings: GatewaySettings, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The engine's environment: ours plus the CPU KV-cache size."""
+    """The engine's environment: ours plus the CPU KV-cache size, without an inherited counter directory
+    (each engine's API server makes its own, so no two engines add up each other's counters)."""
     env = dict(os.environ if base is None else base)
+    env.pop("ROPESERVE_METRICS_DIR", None)
     kvcache = settings.engine_kvcache_gib
     env["VLLM_CPU_KVCACHE_SPACE"] = str(int(kvcache)) if float(kvcache).is_integer() else str(kvcache)
     return env

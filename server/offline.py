@@ -137,7 +137,9 @@ def run_offline(spec: EngineSpec, batches: list[list[Request]], *, timeout: floa
         job, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job.write_text(json.dumps({"spec": dataclasses.asdict(spec),
                                    "batches": [[dataclasses.asdict(r) for r in b] for b in batches]}))
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(spec.kv_cache_gib), **spec.env}
+        # Counters of its own: an inherited ROPESERVE_METRICS_DIR would sum in other engines' counts.
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(spec.kv_cache_gib),
+               "ROPESERVE_METRICS_DIR": str(Path(tmp) / "metrics"), **spec.env}
         proc = subprocess.run([sys.executable, "-m", "server.offline", str(job), str(result)], env=env,
                               timeout=timeout, capture_output=True, text=True)
         # The child writes the result file only once every batch is done (atomically), so a result with a

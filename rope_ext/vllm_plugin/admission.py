@@ -11,7 +11,7 @@ The factor is recorded in the request (``request.ropeserve``, a :class:`RopeStat
 tells the workers every request's factor. Nothing else decides a factor.
 
 ``max_tokens``: vLLM fills a missing ``max_tokens`` with the remaining context before the engine core sees
-it, so a ``max_tokens`` that reaches ``max_model_len`` is read as "not set" (under ``growth="reserve"``
+it, so a ``max_tokens`` that reaches ``max_model_len`` is read as "not set" (``policy.requested_max_tokens``, as the gateway reads it; under ``growth="reserve"``
 the generation reserve is then used; the growth modes read the prompt alone).
 
 Prefix caching: vLLM's block hash covers tokens, LoRA, multimodal inputs and ``cache_salt``, not RoPE.
@@ -35,7 +35,7 @@ import logging
 import uuid
 
 from rope_ext import RopeConfigError, RopeScaling, choose_factor, validate_override
-from rope_ext.policy import grows, may_outgrow
+from rope_ext.policy import grows, may_outgrow, requested_max_tokens
 from rope_ext.vllm_plugin import stats
 from rope_ext.vllm_plugin.config import scaling_for_model
 
@@ -68,13 +68,6 @@ def salt_for(cache_salt: str | None, factor: float) -> str | None:
 def private_salt(cache_salt: str | None) -> str:
     """A cache salt no other request has (growth by re-rotation: such blocks are never shared)."""
     return f"{cache_salt or ''}|ropeserve-rerotate={uuid.uuid4().hex}"
-
-
-def requested_max_tokens(prompt_len: int, max_tokens: int | None, max_model_len: int) -> int | None:
-    """``max_tokens`` as the client set it, or None when vLLM filled it with the remaining context."""
-    if max_tokens is None or prompt_len + max_tokens >= max_model_len:
-        return None
-    return max_tokens
 
 
 def prompt_length(request) -> int:

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from rope_ext import RopeScaling
-from rope_ext.vllm_plugin.admission import admit, private_salt, requested_max_tokens, salt_for
+from rope_ext.policy import requested_max_tokens
+from rope_ext.vllm_plugin.admission import admit, private_salt, salt_for
 from rope_ext.vllm_plugin.config import scaling_from_rope_parameters
 
 pytest.importorskip("vllm")

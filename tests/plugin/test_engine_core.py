@@ -10,6 +10,7 @@ scheduler standing in as the one dict it reads.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import types
@@ -22,30 +23,31 @@ pytestmark = pytest.mark.engine
 CHILD = Path(__file__).with_name("engine_core_child.py")
 
 
-def _child(model_dir: str, what: str) -> dict:
+def _child(model_dir: str, what: str, tmp_path: Path) -> dict:
+    env = {**os.environ, "ROPESERVE_METRICS_DIR": str(tmp_path / "metrics")}  # its counters alone
     result = subprocess.run([sys.executable, str(CHILD), model_dir, what], capture_output=True, text=True,
-                            timeout=900, cwd=Path(__file__).resolve().parents[2])
+                            timeout=900, cwd=Path(__file__).resolve().parents[2], env=env)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, f"the engine child failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def test_a_request_submitted_to_the_engine_core_directly_is_admitted_as_through_the_api(model_dir):
+def test_a_request_submitted_to_the_engine_core_directly_is_admitted_as_through_the_api(model_dir, tmp_path):
     """An EngineCoreRequest added to the engine core (no InputProcessor, no OpenAI front-end) gets the same
     factor, cache salt and block hashes as the same prompt through vLLM's own front-end."""
-    out = _child(model_dir, "admission")
+    out = _child(model_dir, "admission", tmp_path)
     assert out["api"]["factor"] == out["direct"]["factor"] == 2.0
     assert out["api"]["cache_salt"] == out["direct"]["cache_salt"] == "|ropeserve-rope-factor=2.0"
     assert out["api"]["block_hashes"] == out["direct"]["block_hashes"]
     assert out["counters"]["scheduled"] == out["counters"]["computed"]
 
 
-def test_a_broken_hook_shows_in_the_counters_and_fails_the_gateways_check(model_dir):
+def test_a_broken_hook_shows_in_the_counters_and_fails_the_gateways_check(model_dir, tmp_path):
     """The runner's fill disabled (as a vLLM change that skipped it would): the scheduler still schedules
     tokens at factor 2, the workers compute none at it, and the gateway's health check says so."""
     from server.upstreams import rope_evidence
 
-    out = _child(model_dir, "broken")
+    out = _child(model_dir, "broken", tmp_path)
     assert out["counters"]["scheduled"][1] == 1501 and out["counters"]["computed"][1] == 0
     assert rope_evidence(out["metrics"]) == (1501, 0)
 

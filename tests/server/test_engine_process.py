@@ -89,8 +89,8 @@ async def test_embedded_engine_from_settings(tmp_path: Path) -> None:
 
 
 def test_engine_env() -> None:
-    env = engine_env(GatewaySettings(engine_kvcache_gib=2.5), {"A": "1"})
-    assert env == {"A": "1", "VLLM_CPU_KVCACHE_SPACE": "2.5"}
+    env = engine_env(GatewaySettings(engine_kvcache_gib=2.5), {"A": "1", "ROPESERVE_METRICS_DIR": "/tmp/other"})
+    assert env == {"A": "1", "VLLM_CPU_KVCACHE_SPACE": "2.5"}  # an inherited counter directory is not shared
 
 
 def tiny(port: int, *args: str) -> list[str]:
