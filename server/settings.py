@@ -95,6 +95,10 @@ class GatewaySettings(BaseSettings):
     engine_python: str | None = Field(
         None, description="Python interpreter that runs the embedded engine. Default: the gateway's own.")
     engine_dtype: str = Field("bfloat16", description="`--dtype` of the embedded engine.")
+    engine_enforce_eager: bool = Field(
+        False, description="Run the embedded engine in vLLM's eager mode (`--enforce-eager`). Default: vLLM's "
+        "compiled mode, which on CPU starts about 90 s later and then decodes up to 1.8x faster (both are "
+        "proven exact; docs/RESULTS.md).")
     engine_kvcache_gib: float = Field(
         4.0, gt=0, description="KV-cache size of the embedded CPU engine in GiB (VLLM_CPU_KVCACHE_SPACE). "
         "One full 65536-token request of the default model needs about 1.5 GiB.")
@@ -135,6 +139,9 @@ class GatewaySettings(BaseSettings):
         "like `recompute`, but the engine re-rotates its cached keys instead (vLLM CPU only). x-rope-factor "
         "gives the starting factor, x-rope-factor-final the final one. The engines must be started with the "
         "same `growth` in rope_parameters (the embedded engine is).")
+    rope_headroom: float = Field(
+        1.0, ge=1, description="A length past L runs at the bucket that holds `headroom` times it (room to "
+        "spare at the top of a bucket); lengths at or below L are unaffected.")
     rope_theta: float | None = Field(
         None, gt=1, description="RoPE base written into the embedded engine's rope_parameters. Default: "
         "rope_theta of the model's config.json.")
@@ -214,6 +221,7 @@ class GatewaySettings(BaseSettings):
             generation_reserve=self.rope_generation_reserve,
             finetuned_factor=self.rope_finetuned_factor,
             growth=self.rope_growth,
+            headroom=self.rope_headroom,
         )
 
     @property

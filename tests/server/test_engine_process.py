@@ -31,7 +31,7 @@ TINY = str(Path(__file__).with_name("tiny_engine.py"))
 
 CONTRACT = [
     sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", "/models/smol", "--host",
-    "127.0.0.1", "--port", "8123", "--served-model-name", "SmolLM2-135M-Instruct", "--enforce-eager",
+    "127.0.0.1", "--port", "8123", "--served-model-name", "SmolLM2-135M-Instruct",
     "--dtype", "bfloat16", "--max-model-len", "65536", "--hf-overrides",
     '{"rope_parameters": {"rope_type": "dynamic_yarn", "rope_theta": 100000.0, "factor": 8.0, '
     '"original_max_position_embeddings": 8192}, "max_position_embeddings": 65536}',
@@ -46,16 +46,16 @@ def test_default_command_is_the_engine_contract() -> None:
 def test_command_follows_the_settings() -> None:
     settings = GatewaySettings(rope_original_max_position=4096, rope_max_factor=4, rope_buckets="1,1.5,4",
                                rope_finetuned_factor=1.5, rope_generation_reserve=128, served_model_name="m",
-                               engine_dtype="float32", engine_python="/opt/py",
-                               engine_extra_args="--max-num-seqs 2 --seed 7")
+                               engine_dtype="float32", engine_python="/opt/py", engine_enforce_eager=True,
+                               rope_headroom=1.25, engine_extra_args="--max-num-seqs 2 --seed 7")
     command = engine_command(settings, model_dir=Path("/m"), port=9, rope_theta=500000.0)
     assert command[0] == "/opt/py" and command[-4:] == ["--max-num-seqs", "2", "--seed", "7"]
     assert command[command.index("--max-model-len") + 1] == "16384"
-    assert command[command.index("--dtype") + 1] == "float32"
+    assert command[command.index("--dtype") + 1] == "float32" and "--enforce-eager" in command
     overrides = json.loads(command[command.index("--hf-overrides") + 1])
     assert overrides == {"rope_parameters": {
         "rope_type": "dynamic_yarn", "rope_theta": 500000.0, "factor": 4.0, "original_max_position_embeddings": 4096,
-        "buckets": [1.0, 1.5, 4.0], "generation_reserve": 128, "finetuned_factor": 1.5},
+        "buckets": [1.0, 1.5, 4.0], "generation_reserve": 128, "finetuned_factor": 1.5, "headroom": 1.25},
         "max_position_embeddings": 16384}
 
 
@@ -64,7 +64,7 @@ def test_overrides_read_back_as_the_same_scaling() -> None:
 
     for growth in ("reserve", "rerotate"):
         settings = GatewaySettings(rope_buckets="1,3,8", rope_finetuned_factor=3, rope_generation_reserve=64,
-                                   rope_growth=growth)
+                                   rope_growth=growth, rope_headroom=1.5)
         overrides = hf_overrides(settings.rope_scaling(), 1e5)
         assert RopeScaling.from_rope_parameters(overrides["rope_parameters"]) == settings.rope_scaling()
         assert overrides["rope_parameters"].get("growth", "reserve") == growth
