@@ -147,7 +147,8 @@ def markdown(rows: Sequence[Mapping], columns: Sequence[str], headers: Sequence[
 
 
 def pivot(rows: Sequence[Mapping], index: str, column: str, value: str) -> tuple[list, list, dict]:
-    """``(index values, column values, {(i, c): value})`` keeping first-seen order of the index."""
+    """``(index values, column values, {(i, c): value})`` keeping first-seen order of the index; a row
+    without ``value`` (a partial grid: a book not yet run at that length) leaves its cell empty."""
     index_values: list = []
     column_values: set = set()
     table = {}
@@ -155,7 +156,8 @@ def pivot(rows: Sequence[Mapping], index: str, column: str, value: str) -> tuple
         if row[index] not in index_values:
             index_values.append(row[index])
         column_values.add(row[column])
-        table[(row[index], row[column])] = row[value]
+        if row.get(value) is not None:
+            table[(row[index], row[column])] = row[value]
     return index_values, sorted(column_values), table
 
 

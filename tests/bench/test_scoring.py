@@ -98,3 +98,5 @@ def test_markdown_and_pivot():
     rows = [{"m": "a", "n": 1024, "v": 1.234}, {"m": "a", "n": 2048, "v": 2.0}, {"m": "b", "n": 1024, "v": None}]
     text = scoring.pivot_markdown(rows, "m", "n", "v", fmt=".1f", labels={"a": "A"}, column_label=lambda n: f"{n}t")
     assert text.splitlines() == ["| m | 1024t | 2048t |", "|---|---|---|", "| A | 1.2 | 2.0 |", "| b | – | – |"]
+    partial = [{"m": "a", "n": 1024, "v": 1.0}, {"m": "b", "n": 1024}]  # b not yet measured
+    assert scoring.pivot_markdown(partial, "m", "n", "v", fmt=".1f").splitlines()[-1] == "| b | – |"
