@@ -43,6 +43,20 @@ def _length_label(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
+def _save_length_plot(plt, fig, ax, lengths: Sequence[int], ylabel: str, title: str, path: Path) -> Path:
+    """Finish a plot against context length (log2 axis, one tick per length) and write it to ``path``."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [_length_label(n) for n in lengths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, linewidth=0.3)
+    fig.savefig(path, dpi=110, bbox_inches="tight", metadata=_META)
+    plt.close(fig)
+    return path
+
+
 def passkey_heatmaps(rows: Sequence[Mapping], methods: Sequence[str], variant: str, path: Path, *,
                      labels: Mapping[str, str], title: str) -> Path:
     """One heatmap per method: context length (rows) x needle depth (columns), accuracy over seeds."""
@@ -124,16 +138,7 @@ def short_context_lines(table: Sequence[Mapping], methods: Sequence[str], path: 
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3,
                     label=labels.get(method, method), **_style(method))
     ax.axhline(0, color="grey", linewidth=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(lengths, [_length_label(n) for n in lengths])
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("perplexity vs unscaled (%)")
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, linewidth=0.3)
-    fig.savefig(path, dpi=110, bbox_inches="tight", metadata=_META)
-    plt.close(fig)
-    return path
+    return _save_length_plot(plt, fig, ax, lengths, "perplexity vs unscaled (%)", title, path)
 
 
 def passkey_accuracy_lines(table: Sequence[Mapping], methods: Sequence[str], variant: str, path: Path, *,
@@ -154,14 +159,5 @@ def passkey_accuracy_lines(table: Sequence[Mapping], methods: Sequence[str], var
         bars = [[row["accuracy"] - row["low"] for row in mine], [row["high"] - row["accuracy"] for row in mine]]
         ax.errorbar(x, y, yerr=bars, marker="o", markersize=3, capsize=3, label=labels.get(method, method),
                     **_style(method))
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(lengths, [_length_label(n) for n in lengths])
     ax.set_ylim(-0.05, 1.05)
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("accuracy (Wilson 95 % interval)")
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, linewidth=0.3)
-    fig.savefig(path, dpi=110, bbox_inches="tight", metadata=_META)
-    plt.close(fig)
-    return path
+    return _save_length_plot(plt, fig, ax, lengths, "accuracy (Wilson 95 % interval)", title, path)

@@ -89,7 +89,19 @@ def test_runtime_is_last_non_root_and_healthchecked(dockerfile):
     (health,) = [i for i in ins if i.upper().startswith("HEALTHCHECK")]
     assert "/readyz" in health and "passkey" not in health
     assert any(i.startswith("COPY --from=build") for i in ins)
-    assert not any("build-essential" in i for i in ins)  # no compiler in the runtime image
+    assert not any("build-essential" in i for i in ins)  # no build tool chain beyond what runs need
+
+
+def test_the_runtime_can_run_the_compiled_mode(dockerfile):
+    """vLLM's compiled mode (the engine's default) builds C++ kernels with Python bindings at run time
+    (inductor on CPU, Triton's launcher on CUDA): the base every stage runs on has g++ and the target
+    Python's headers, and the offline base image is made with them."""
+    (base,) = [ins for _, name, ins in stages(dockerfile) if name == "base"]
+    (packages,) = [i for i in base if i.startswith("RUN") and "packages=" in i]
+    assert "g++" in packages and '"$python-dev"' in packages
+    script = (REPO / "scripts" / "container_images.sh").read_text()
+    base_packages = re.search(r"^BASE_PACKAGES=(\S+)", script, re.M).group(1).split(",")
+    assert {"g++", "python3.11-dev"} <= set(base_packages)
 
 
 def test_no_secret_baked_in(dockerfile):
