@@ -70,7 +70,8 @@ def admit(prompt_tokens: int, max_tokens: int | None, scaling: RopeScaling, *, o
             "completion). Please reduce the length of the prompt or max_tokens.", param="max_tokens")
     stated = requested_max_tokens(prompt_tokens, max_tokens, limit)  # as the engine will read it
     factor = choose_factor(prompt_tokens, stated, scaling, override=override)
-    return Admission(prompt_tokens, max_tokens, planned_length(prompt_tokens, stated, scaling), factor, override)
+    return Admission(prompt_tokens, max_tokens, planned_length(prompt_tokens, stated, scaling), factor,
+                     override)
 
 
 def final_factor(admission: Admission, prompt_tokens: int, completion_tokens: int, scaling: RopeScaling) -> float:

@@ -11,8 +11,9 @@ The factor is recorded in the request (``request.ropeserve``, a :class:`RopeStat
 tells the workers every request's factor. Nothing else decides a factor.
 
 ``max_tokens``: vLLM fills a missing ``max_tokens`` with the remaining context before the engine core sees
-it, so a ``max_tokens`` that reaches ``max_model_len`` is read as "not set" (``policy.requested_max_tokens``, as the gateway reads it; under ``growth="reserve"``
-the generation reserve is then used; the growth modes read the prompt alone).
+it, so a ``max_tokens`` that reaches ``max_model_len`` is read as "not set" (``policy.requested_max_tokens``,
+as the gateway reads it; under ``growth="reserve"`` the generation reserve is then used; the growth modes
+read the prompt alone).
 
 Prefix caching: vLLM's block hash covers tokens, LoRA, multimodal inputs and ``cache_salt``, not RoPE.
 Keys cached at one scale are wrong at another, so a request at a factor other than 1 gets its factor
