@@ -9,11 +9,15 @@ the benchmarks all call it. For a model with original context L and buckets
    identical to the unscaled model. With ``headroom`` h > 1, a length past L needs the bucket that holds
    ``ceil(h * n)`` instead (room to spare at the top of a bucket); lengths at or below L are unaffected.
 2. The bucket is never below the fine-tuned floor (``finetuned_factor``).
-3. At admission (:func:`choose_factor`) the length is, under the growth modes (``"recompute"``, the
-   default, and ``"rerotate"``), the prompt alone: the scale follows the length, as in the paper's
-   Dynamic Scaling. Under ``growth="reserve"`` it is the request's *planned length*: its prompt plus
+3. At admission (:func:`choose_factor`) the length is the request's *planned length*: its prompt plus
    ``max_tokens`` when the client set it, or plus the ``generation_reserve`` when it did not (vLLM fills a
    missing ``max_tokens`` with the whole remaining context; that must not make a short request "long").
+   Under the growth modes (``"recompute"``, the default, and ``"rerotate"``) the generation counted is
+   at most the ``generation_reserve``: a request starts at the bucket that holds its prompt and its next
+   ``generation_reserve`` tokens, and grows past them by rule 4. The scale follows the length, as in the
+   paper's Dynamic Scaling, looking that far ahead so that a request is not computed once more right
+   after its prefill (``generation_reserve = 0`` is the paper's rule exactly: the prompt alone). Under
+   ``growth="reserve"`` the whole planned length counts and the factor is kept.
    A ``max_tokens`` that reaches the end of the context is read as not set (:func:`requested_max_tokens`):
    the engine sees no difference between the two.
 4. Under a growth mode, a request about to compute a token past its bucket's capacity moves to the
@@ -95,8 +99,8 @@ def choose_factor(prompt_tokens: int, max_tokens: int | None, scaling: RopeScali
     if override is not None:
         needed = validate_override(override, scaling)
         return smallest_bucket_at_least(max(needed, scaling.finetuned_factor), scaling)
-    if scaling.growth != "reserve":
-        length = prompt_tokens
+    if scaling.growth != "reserve":  # look ahead at most the reserve; growth provides for the rest
+        length = prompt_tokens + min(length - prompt_tokens, scaling.generation_reserve)
     return bucket_for_length(length, scaling)
 
 

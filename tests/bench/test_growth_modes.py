@@ -1,6 +1,7 @@
 """bench/growth_modes.py's workload: every prompt starts with the shared system prompt; boundary requests
 fit L with their prompt but not with their new tokens (reserve: factor 2 from the start; recompute and
-rerotate: factor 1, grown once), short ones stay at 1 under every mode."""
+rerotate: factor 1 and grown once, unless their 512-token look-ahead already crosses L; recompute@0: factor
+1, always grown), short ones stay at 1 under every mode."""
 
 from __future__ import annotations
 
@@ -19,7 +20,20 @@ def test_boundary_requests_cross_l_while_generating_and_short_ones_never_do() ->
         starts = tuple(p[f"{m}_start"] for m in MODES)
         if p["kind"] == "boundary":
             assert p["prompt_len"] <= L < p["prompt_len"] + p["new_tokens"]
-            assert starts == (1.0, 2.0, 1.0)  # recompute, reserve, rerotate
+            ahead = 2.0 if p["prompt_len"] + 512 > L else 1.0
+            assert starts == (ahead, 1.0, 2.0, ahead)  # recompute, recompute@0, reserve, rerotate
         else:
             assert p["prompt_len"] + p["new_tokens"] <= L
-            assert starts == (1.0, 1.0, 1.0)
+            assert starts == (1.0, 1.0, 1.0, 1.0)
+
+
+def test_a_mode_names_its_look_ahead_and_an_unknown_one_fails_before_any_engine() -> None:
+    import pytest
+
+    from bench.growth_modes import overrides, parse_mode
+
+    assert parse_mode("recompute@0") == ("recompute", 0) and parse_mode("reserve") == ("reserve", None)
+    assert overrides("recompute@0")["rope_parameters"]["generation_reserve"] == 0
+    assert "generation_reserve" not in overrides("recompute")["rope_parameters"]
+    with pytest.raises(Exception, match="growth"):
+        with_factors([{"prompt_len": 10, "new_tokens": 1}], ["grow"])

@@ -73,12 +73,13 @@ REROTATE = RopeScaling(method="dynamic_yarn", original_max_position=L, max_facto
 @pytest.mark.parametrize("prompt_len,max_tokens,factor,growable", [
     (100, 16, 1.0, False),                   # fits its bucket whatever it generates
     (100, None, 1.0, True),                  # no limit: may cross L
-    (8000, 500, 1.0, True),                  # 8500 > L
-    (8000, MAX_MODEL_LEN - 8000, 1.0, True),  # vLLM's fill-in reads as unset
+    (7000, 1500, 1.0, True),                 # 8500 > L, but 7000 + its 512-token look-ahead fits
+    (7000, MAX_MODEL_LEN - 7000, 1.0, True),  # vLLM's fill-in reads as unset
+    (8000, 500, 2.0, False),                 # it would cross L within its look-ahead: it starts above
     (12000, 256, 2.0, False),
     (60000, None, 8.0, False),               # the largest bucket: nowhere to grow
 ])
-def test_growth_admits_at_the_bucket_of_the_prompt(prompt_len, max_tokens, factor, growable):
+def test_growth_admits_at_the_bucket_of_the_prompt_and_its_look_ahead(prompt_len, max_tokens, factor, growable):
     request = _request(prompt_len, max_tokens, cache_salt="user")
     state = admit(request, RECOMPUTE, MAX_MODEL_LEN)
     assert (state.factor, state.growable, state.client_salt) == (factor, growable, "user")

@@ -10,6 +10,8 @@ buckets 1, 2, 4 (capacities 1000, 2000, 4000 tokens), served context 4000. What 
   logprobs equal, exactly, a fresh request of the same tokens at the new scale (the recompute is a fresh
   prefill under the new scale's cache salt). The engine's counters show both growths and no token past
   its bucket's capacity.
+- A request whose next ``generation_reserve`` tokens (the look-ahead, scaled down here to 16) would cross L
+  starts at 2 and never grows.
 - Streaming and ``n > 1`` requests grow the same way (every child of ``n`` is a request of its own).
 - Eight chat requests with one shared system prompt of about 1,000 tokens and no ``max_tokens`` hit the
   prefix cache (vLLM's own counters and each response's ``cached_tokens``), and each equals itself alone
@@ -31,10 +33,12 @@ pytestmark = [pytest.mark.engine, pytest.mark.timeout(2400)]
 
 L, MAX_FACTOR = 1000, 4.0
 MAX_MODEL_LEN = int(L * MAX_FACTOR)
-PROMPT_LEN = 990
+PROMPT_LEN = 980
+LOOK_AHEAD = 16  # generation_reserve, scaled down with L: the prompt and its next 16 tokens fit bucket 1
 ISOLATION_TOLERANCE = 1e-4
 OVERRIDES = {"rope_parameters": {"rope_type": "dynamic_yarn", "rope_theta": 100000.0, "factor": MAX_FACTOR,
-                                 "original_max_position_embeddings": L, "growth": "recompute"},
+                                 "original_max_position_embeddings": L, "growth": "recompute",
+                                 "generation_reserve": LOOK_AHEAD},
              "max_position_embeddings": MAX_MODEL_LEN}
 
 
@@ -83,11 +87,11 @@ def test_a_request_without_max_tokens_grows_through_every_bucket(engine, book_to
     assert grown == {"2": 1, "4": 1}
     past = after["ropeserve_engine_rope_tokens_past_capacity_total"]
     assert sum(past.values()) == sum(before["ropeserve_engine_rope_tokens_past_capacity_total"].values()) == 0
-    # At 1001 tokens (11 generated) it moved to 2, at 2001 (1011 generated) to 4; from there on it is a fresh
+    # At 1001 tokens (21 generated) it moved to 2, at 2001 (1021 generated) to 4; from there on it is a fresh
     # request of the same tokens at the new scale, token for token and logprob for logprob. (The fresh
     # requests are salted apart: a hit on the grower's cached blocks would compute the same numbers in
     # other chunks, equal only to float32 rounding.)
-    for generated, factor in ((11, 2), (1011, 4)):
+    for generated, factor in ((21, 2), (1021, 4)):
         fresh, fresh_logprobs, _ = complete(engine, prompt + tokens[:generated], max_tokens=16,
                                             vllm_xargs={"rope_factor": factor}, cache_salt=f"fresh-{factor}")
         assert fresh == tokens[generated:generated + 16]
@@ -96,6 +100,18 @@ def test_a_request_without_max_tokens_grows_through_every_bucket(engine, book_to
     pinned, pinned_logprobs, _ = complete(engine, prompt, max_tokens=10, vllm_xargs={"rope_factor": 1},
                                           cache_salt="pinned")
     assert pinned == tokens[:10] and pinned_logprobs == logprobs[:10]
+
+
+def test_a_request_that_would_cross_within_its_look_ahead_starts_above(engine, book_tokens):
+    prompt = book_tokens[8000:8000 + L - LOOK_AHEAD + 6]  # it would cross L at its 7th new token
+    before = counters(engine)
+    tokens, logprobs, _ = complete(engine, prompt, max_tokens=30)
+    after = counters(engine)
+    assert after["ropeserve_engine_rope_grown_total"] == before["ropeserve_engine_rope_grown_total"]  # no growth
+    assert after["ropeserve_engine_rope_tokens_total"]["2"] > before["ropeserve_engine_rope_tokens_total"].get("2", 0)
+    pinned, pinned_logprobs, _ = complete(engine, prompt, max_tokens=30, vllm_xargs={"rope_factor": 2},
+                                          cache_salt="pinned-2")
+    assert (pinned, pinned_logprobs) == (tokens, logprobs)  # it ran at 2 from its first token
 
 
 def test_streaming_and_parallel_sampling_grow_too(engine, book_tokens):

@@ -3,7 +3,8 @@ and its cached keys are re-rotated each time; other requests are unaffected.
 
 Settings, chosen small so that one engine (started once for the module) and a transformers oracle run in
 a few minutes on two cores: L = 1000 (``original_max_position_embeddings``), buckets 1, 1.04, 2
-(capacities 1000, 1040, 2000), ``growth: "rerotate"``. The growing request has a 960-token prompt (admitted at
+(capacities 1000, 1040, 2000), ``growth: "rerotate"`` with no look-ahead (``generation_reserve: 0``, so that
+the request starts at the bucket of its prompt, as in the paper's Dynamic Scaling). The growing request has a 960-token prompt (admitted at
 1) and generates 120 tokens: at 1000 tokens it moves to 1.04, at 1040 to 2. Each boundary falls inside
 a 128-token block.
 
@@ -41,7 +42,7 @@ ORACLE_TOLERANCE = 1e-3  # max |logprob difference|, engine vs transformers orac
 ISOLATION_TOLERANCE = 1e-4  # a request alone vs among others, same engine, float32 (test_engine_fidelity)
 GROW = {"rope_parameters": {"rope_type": "dynamic_yarn", "rope_theta": 100000.0, "factor": BUCKETS[-1],
                             "original_max_position_embeddings": L, "buckets": list(BUCKETS),
-                            "growth": "rerotate"}}
+                            "growth": "rerotate", "generation_reserve": 0}}  # the paper's rule: no look-ahead
 
 
 def _close(a, b, tolerance=ISOLATION_TOLERANCE) -> bool:

@@ -32,12 +32,14 @@ def test_examples_of_the_policy() -> None:
     assert admit(65536, 0, SCALING).factor == 8.0
 
 
-def test_the_default_growth_starts_a_request_at_the_bucket_of_its_prompt() -> None:
-    assert admit(8000, None, GROWING).factor == 1.0   # it grows when it crosses L, not before
-    assert admit(8000, 193, GROWING).factor == 1.0
+def test_the_default_growth_starts_a_request_at_the_bucket_of_its_prompt_and_its_look_ahead() -> None:
+    assert admit(7680, None, GROWING).factor == 1.0   # prompt + the 512-token reserve fills L
+    assert admit(7681, None, GROWING).factor == 2.0   # its next 512 tokens would cross L
+    assert admit(7000, 4000, GROWING).factor == 1.0   # it grows when it crosses L, not before
+    assert admit(8000, 192, GROWING).factor == 1.0    # it ends within L
     assert admit(12000, 256, GROWING).factor == 2.0
-    assert final_factor(admit(8000, None, GROWING), 8000, 194, GROWING) == 2.0  # 8193 tokens computed
-    assert final_factor(admit(8000, None, GROWING), 8000, 193, GROWING) == 1.0  # its last token is never fed
+    assert final_factor(admit(7000, None, GROWING), 7000, 1194, GROWING) == 2.0  # 8193 tokens computed
+    assert final_factor(admit(7000, None, GROWING), 7000, 1193, GROWING) == 1.0  # its last token is never fed
     assert final_factor(admit(8000, 193, SCALING), 8000, 193, SCALING) == 2.0   # reserve: as it started
 
 

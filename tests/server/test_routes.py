@@ -84,8 +84,8 @@ async def test_chat_counts_tokens_with_the_chat_template() -> None:
 async def test_chat_template_options_reach_tokenize() -> None:
     engine = FakeEngine()
     # the toy template adds 2 tokens around a message and 1 for the generation prompt: without it, the
-    # prompt is exactly L = 8192 tokens (factor 1); with it, one more (factor 2)
-    content = words(8192 - 2)
+    # prompt and its 50 new tokens are exactly L = 8192 tokens (factor 1); with it, one more (factor 2)
+    content = words(8192 - 2 - 50)
     async with gateway([engine]) as client:
         plain = await client.post("/v1/chat/completions", json={
             "messages": [{"role": "user", "content": content}], "max_tokens": 50})
@@ -328,12 +328,13 @@ GROWING = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_fac
 
 
 async def test_a_request_that_grows_reports_where_it_started_and_ended() -> None:
-    """8190 prompt tokens, 10 generated: it starts at 1 and crosses L at its fourth token."""
+    """7680 prompt tokens (they and the 512-token look-ahead fill L): it starts at 1; 520 generated, it
+    computes 8199 tokens and crosses L at its 514th."""
     engine = FakeEngine(scaling=GROWING)
     async with gateway([engine], rope_growth="recompute") as client:
-        grown = await client.post("/v1/completions", json={"prompt": words(8190), "max_tokens": 10})
+        grown = await client.post("/v1/completions", json={"prompt": words(7680), "max_tokens": 520})
         short = await client.post("/v1/completions", json={"prompt": words(100), "max_tokens": 10})
-        pinned = await client.post("/v1/completions", json={"prompt": words(8190), "max_tokens": 10,
+        pinned = await client.post("/v1/completions", json={"prompt": words(7680), "max_tokens": 520,
                                                             "rope_factor": 1})
         metrics = (await client.get("/metrics")).text
     assert (grown.headers["x-rope-factor"], grown.headers["x-rope-factor-final"]) == ("1", "2")
@@ -346,15 +347,15 @@ async def test_a_request_that_grows_reports_where_it_started_and_ended() -> None
 
 async def test_a_stream_reports_the_final_factor_in_its_usage_chunk() -> None:
     engine = FakeEngine(scaling=GROWING)
-    body = {"prompt": words(8190), "max_tokens": 10, "stream": True, "stream_options": {"include_usage": True}}
+    body = {"prompt": words(7680), "max_tokens": 520, "stream": True, "stream_options": {"include_usage": True}}
     async with gateway([engine], rope_growth="recompute") as client:
         response = await client.post("/v1/completions", json=body)
         plain = await client.post("/v1/completions", json={**body, "stream_options": None})
     events = [json.loads(line[6:]) for line in response.text.splitlines()
               if line.startswith("data: ") and line != "data: [DONE]"]
     assert response.headers["x-rope-factor"] == "1"
-    assert [e.get("rope_factor") for e in events] == [None] * 10 + [{"start": 1.0, "final": 2.0}]
-    assert events[-1]["usage"]["completion_tokens"] == 10 and events[-1]["choices"] == []
+    assert [e.get("rope_factor") for e in events] == [None] * 520 + [{"start": 1.0, "final": 2.0}]
+    assert events[-1]["usage"]["completion_tokens"] == 520 and events[-1]["choices"] == []
     assert "rope_factor" not in plain.text  # no usage asked for: the start factor (header) only
 
 

@@ -1,6 +1,6 @@
 """The ``growth`` setting of the policy: the growth modes ("recompute", the default, and "rerotate": admit at
-the smallest bucket that fits the prompt, move to a larger bucket when the request outgrows its own)
-against "reserve" (sized for prompt plus generation up front).
+the smallest bucket that fits the prompt and its next ``generation_reserve`` tokens, move to a larger bucket
+when the request outgrows its own) against "reserve" (sized for prompt plus generation up front).
 Default model settings: L = 8192, buckets 1, 2, 4, 8.
 """
 
@@ -13,6 +13,8 @@ from rope_ext.policy import bucket_for_length, factor_at, grown_factor, grows, m
 
 RESERVE = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, growth="reserve")
 GROW = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, growth="rerotate")
+PAPER = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, growth="recompute",
+                    generation_reserve=0)
 
 
 def test_default_is_recompute() -> None:
@@ -30,18 +32,24 @@ def test_unknown_growth_mode_is_rejected(bad) -> None:
     assert info.value.field == "growth"
 
 
-@pytest.mark.parametrize(("prompt", "max_tokens", "reserve", "grow"), [
-    (100, None, 1.0, 1.0),
-    (8000, None, 2.0, 1.0),     # reserve counts the 512-token reserve; grow only the prompt
-    (8000, 4000, 2.0, 1.0),
-    (8192, 1, 2.0, 1.0),        # the prompt fills L exactly
-    (8193, 0, 2.0, 2.0),
-    (16000, 20000, 8.0, 2.0),
-    (40000, 16, 8.0, 8.0),
+@pytest.mark.parametrize(("prompt", "max_tokens", "reserve", "grow", "paper"), [
+    (100, None, 1.0, 1.0, 1.0),
+    (7680, None, 1.0, 1.0, 1.0),    # prompt + the 512-token reserve fills L exactly
+    (7681, None, 2.0, 2.0, 1.0),    # its next 512 tokens would cross L: it starts above
+    (8000, 100, 1.0, 1.0, 1.0),     # it ends within L
+    (8000, 4000, 2.0, 2.0, 1.0),    # it looks ahead 512 tokens only, and 8512 > L
+    (7000, 4000, 2.0, 1.0, 1.0),    # 7512 fits L: it starts at 1 and grows when it gets there
+    (8192, 1, 2.0, 2.0, 1.0),       # the prompt fills L exactly; one token more would cross
+    (8193, 0, 2.0, 2.0, 2.0),
+    (15000, 20000, 8.0, 2.0, 2.0),  # 15512 fits bucket 2 with its look-ahead
+    (16000, None, 4.0, 4.0, 2.0),
+    (40000, 16, 8.0, 8.0, 8.0),
 ])
-def test_grow_admits_at_the_smallest_bucket_that_fits_the_prompt(prompt, max_tokens, reserve, grow) -> None:
+def test_grow_admits_at_the_bucket_of_the_prompt_and_its_next_reserve_tokens(prompt, max_tokens, reserve, grow,
+                                                                             paper) -> None:
     assert choose_factor(prompt, max_tokens, RESERVE) == reserve
     assert choose_factor(prompt, max_tokens, GROW) == grow
+    assert choose_factor(prompt, max_tokens, PAPER) == paper  # no look-ahead: the prompt alone
 
 
 def test_override_and_finetuned_floor_still_apply_under_grow() -> None:

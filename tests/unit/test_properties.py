@@ -133,8 +133,11 @@ def test_factor_is_a_bucket_at_or_above_the_finetuned_floor(scaling: RopeScaling
 @example(scaling=RopeScaling(original_max_position=1285, max_factor=8.0, buckets=(1, 1.4, 2, 4, 8),
                              generation_reserve=0), request=(1799, None))
 def test_bucket_holds_the_planned_length(scaling: RopeScaling, request: tuple[int, int | None]) -> None:
-    # reserve sizes the bucket for the planned length; the growth modes for the prompt (planned with 0 new)
-    planned = planned_length(*request, scaling) if scaling.growth == "reserve" else request[0]
+    # reserve sizes the bucket for the planned length; the growth modes for the prompt and at most the
+    # generation reserve of it (the look-ahead)
+    planned = planned_length(*request, scaling)
+    if scaling.growth != "reserve":
+        planned = min(planned, request[0] + scaling.generation_reserve)
     factor = choose_factor(*request, scaling)
     if planned <= scaling.max_context:
         assert planned <= scaling.capacity(factor)
