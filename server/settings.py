@@ -128,12 +128,14 @@ class GatewaySettings(BaseSettings):
         None, description="Scale factors a request may run at (comma-separated, from 1 up to the maximum "
         "factor). Default: powers of two up to the maximum factor.")
     rope_generation_reserve: int = Field(
-        512, ge=0, description="Tokens assumed for generation when a request does not set max_tokens.")
+        512, ge=0, description="Tokens assumed for generation when a request does not set max_tokens; under "
+        "`recompute` and `rerotate`, how far ahead a request's first bucket looks (0: the bucket of the prompt alone, "
+        "the paper's rule).")
     rope_finetuned_factor: float = Field(
         1.0, ge=1, description="Factor the model was fine-tuned at with YaRN; no request runs below it.")
     rope_growth: Literal["recompute", "reserve", "rerotate"] = Field(
         "recompute", description="How a request's generation is provided for. `recompute`: it starts at the factor "
-        "of its prompt and, when it is about to outgrow that bucket, the engine computes it again at the bucket "
+        "of its prompt and its next tokens (at most the generation reserve) and, when it is about to outgrow that bucket, the engine computes it again at the bucket "
         "its length needs (vLLM's recompute preemption, exactly a fresh request at the new scale). `reserve`: "
         "its factor is chosen for prompt + max_tokens (or the generation reserve) up front and kept. `rerotate`: "
         "like `recompute`, but the engine re-rotates its cached keys instead (vLLM CPU only). x-rope-factor "
