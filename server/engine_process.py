@@ -22,6 +22,7 @@ grace period, so no engine process outlives the gateway::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -35,7 +36,6 @@ from typing import Any
 import httpx
 
 from rope_ext import RopeScaling, default_buckets
-from rope_ext.config import DEFAULT_GENERATION_RESERVE, DEFAULT_GROWTH, DEFAULT_HEADROOM
 from server.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
@@ -70,14 +70,10 @@ def hf_overrides(scaling: RopeScaling, rope_theta: float) -> dict[str, Any]:
     }
     if scaling.buckets != default_buckets(scaling.max_factor):
         params["buckets"] = list(scaling.buckets)
-    if scaling.generation_reserve != DEFAULT_GENERATION_RESERVE:
-        params["generation_reserve"] = scaling.generation_reserve
-    if scaling.finetuned_factor != 1:
-        params["finetuned_factor"] = float(scaling.finetuned_factor)
-    if scaling.growth != DEFAULT_GROWTH:
-        params["growth"] = scaling.growth
-    if scaling.headroom != DEFAULT_HEADROOM:
-        params["headroom"] = scaling.headroom
+    defaults = {field.name: field.default for field in dataclasses.fields(RopeScaling)}
+    for key in ("generation_reserve", "finetuned_factor", "growth", "headroom"):
+        if getattr(scaling, key) != defaults[key]:
+            params[key] = getattr(scaling, key)
     return {"rope_parameters": params, "max_position_embeddings": scaling.max_context}
 
 

@@ -95,13 +95,17 @@ def test_runtime_is_last_non_root_and_healthchecked(dockerfile):
 def test_the_runtime_can_run_the_compiled_mode(dockerfile):
     """vLLM's compiled mode (the engine's default) builds C++ kernels with Python bindings at run time
     (inductor on CPU, Triton's launcher on CUDA): the base every stage runs on has g++ and the target
-    Python's headers, and the offline base image is made with them."""
+    Python's headers, and the offline base image is made with every package the CPU image's base stage
+    asks for (one list is written twice, in the Dockerfile and in scripts/container_images.sh: this keeps
+    them in step, so the offline build never reaches for a package index)."""
     (base,) = [ins for _, name, ins in stages(dockerfile) if name == "base"]
     (packages,) = [i for i in base if i.startswith("RUN") and "packages=" in i]
     assert "g++" in packages and '"$python-dev"' in packages
+    wanted = {p.strip('"').replace("$python", "python3.11")
+              for p in re.search(r"packages=\(([^)]*)\)", packages).group(1).split()}
     script = (REPO / "scripts" / "container_images.sh").read_text()
     base_packages = re.search(r"^BASE_PACKAGES=(\S+)", script, re.M).group(1).split(",")
-    assert {"g++", "python3.11-dev"} <= set(base_packages)
+    assert {"g++", "python3.11-dev"} <= wanted <= set(base_packages), wanted - set(base_packages)
 
 
 def test_no_secret_baked_in(dockerfile):
