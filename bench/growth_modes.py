@@ -163,6 +163,10 @@ def main() -> None:
     outputs = [r["token_ids"] for r in runs.values()]
     same = sum(all(o[i] == outputs[0][i] for o in outputs) for i in range(len(plan)) if i not in crossing)
     print(f"requests that never cross L: {same}/{len(plan) - len(crossing)} identical outputs under every mode")
+    first = next(iter(runs.values()))
+    for r in runs.values():  # which mode differs: a short request's tokens depend on what shares its steps
+        equal = sum(r["token_ids"][i] == first["token_ids"][i] for i in range(len(plan)) if i not in crossing)
+        print(f"  {r['growth']:<12} {equal}/{len(plan) - len(crossing)} identical to {first['growth']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "command": " ".join(sys.argv), "args": {k: str(v) for k, v in vars(args).items()},
