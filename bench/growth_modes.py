@@ -61,11 +61,10 @@ def scaling_for(mode: str) -> RopeScaling:
 
 
 def overrides(mode: str) -> dict[str, Any]:
-    growth, reserve = parse_mode(mode)
-    extra = {} if reserve is None else {"generation_reserve": reserve}
+    scaling = scaling_for(mode)
     return {"rope_parameters": {"rope_type": "dynamic_yarn", "rope_theta": ROPE_THETA, "factor": BUCKETS[-1],
                                 "original_max_position_embeddings": L, "buckets": list(BUCKETS),
-                                "growth": growth, **extra}}
+                                "growth": scaling.growth, "generation_reserve": scaling.generation_reserve}}
 
 
 def book_tokens(model_dir: str) -> list[int]:

@@ -77,12 +77,11 @@ class RopeScaling:
     training context L; ``max_factor`` the largest scale served, so the served context is
     ``floor(L * max_factor)``. ``buckets`` are the scales a request may run at (default: powers of two
     up to ``max_factor``). ``generation_reserve`` is the room assumed for generation when a request does
-    not say its ``max_tokens``, and under the growth modes how far ahead a request's first bucket looks. ``finetuned_factor`` is the factor a model was fine-tuned at with YaRN:
-    no request runs below it. ``headroom`` (>= 1) sizes buckets past L for ``headroom`` times the length.
+    not say its ``max_tokens``, and under the growth modes how far ahead a request's first bucket looks.
+    ``finetuned_factor`` is the factor a model was fine-tuned at with YaRN: no request runs below it. ``headroom`` (>= 1) sizes buckets past L for ``headroom`` times the length.
     ``growth`` says how a request's generation is provided for: ``"recompute"`` (default) and
     ``"rerotate"`` admit it at the bucket of its prompt and its next ``generation_reserve`` tokens (at
-    most) and move it to the bucket its length needs when it
-    outgrows one (its cached tokens recomputed at the new scale, or its cached keys re-rotated,
+    most) and move it to the bucket its length needs when it outgrows one (its cached tokens recomputed at the new scale, or its cached keys re-rotated,
     ``rope_ext.rerotate``); ``"reserve"`` sizes its bucket for prompt plus generation up front and keeps
     it. See :mod:`rope_ext.policy`. The rest are the paper's and transformers' knobs.
     """

@@ -34,6 +34,6 @@ def test_a_mode_names_its_look_ahead_and_an_unknown_one_fails_before_any_engine(
 
     assert parse_mode("recompute@0") == ("recompute", 0) and parse_mode("reserve") == ("reserve", None)
     assert overrides("recompute@0")["rope_parameters"]["generation_reserve"] == 0
-    assert "generation_reserve" not in overrides("recompute")["rope_parameters"]
+    assert overrides("recompute")["rope_parameters"]["generation_reserve"] == 512  # the policy's default
     with pytest.raises(Exception, match="growth"):
         with_factors([{"prompt_len": 10, "new_tokens": 1}], ["grow"])
