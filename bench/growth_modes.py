@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from rope_ext import RopeScaling, choose_factor  # noqa: E402
+from server.engine_process import hf_overrides  # noqa: E402
 from server.offline import EngineSpec, Request, run_offline  # noqa: E402
 
 L = 8192
@@ -61,10 +62,8 @@ def scaling_for(mode: str) -> RopeScaling:
 
 
 def overrides(mode: str) -> dict[str, Any]:
-    scaling = scaling_for(mode)
-    return {"rope_parameters": {"rope_type": "dynamic_yarn", "rope_theta": ROPE_THETA, "factor": BUCKETS[-1],
-                                "original_max_position_embeddings": L, "buckets": list(BUCKETS),
-                                "growth": scaling.growth, "generation_reserve": scaling.generation_reserve}}
+    """The engine's ``--hf-overrides`` for ``mode``: the embedded engine's own (server.engine_process)."""
+    return hf_overrides(scaling_for(mode), ROPE_THETA)
 
 
 def book_tokens(model_dir: str) -> list[int]:

@@ -30,10 +30,13 @@ def test_boundary_requests_cross_l_while_generating_and_short_ones_never_do() ->
 def test_a_mode_names_its_look_ahead_and_an_unknown_one_fails_before_any_engine() -> None:
     import pytest
 
-    from bench.growth_modes import overrides, parse_mode
+    from bench.growth_modes import overrides, parse_mode, scaling_for
+    from rope_ext import RopeScaling
 
     assert parse_mode("recompute@0") == ("recompute", 0) and parse_mode("reserve") == ("reserve", None)
+    for mode in MODES:  # the engine reads back the mode the bench planned its requests with
+        params = overrides(mode)["rope_parameters"]
+        assert RopeScaling.from_rope_parameters(params) == scaling_for(mode)
     assert overrides("recompute@0")["rope_parameters"]["generation_reserve"] == 0
-    assert overrides("recompute")["rope_parameters"]["generation_reserve"] == 512  # the policy's default
     with pytest.raises(Exception, match="growth"):
         with_factors([{"prompt_len": 10, "new_tokens": 1}], ["grow"])
