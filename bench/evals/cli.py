@@ -24,9 +24,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from bench.evals import decision
 from bench.evals.experiments import EXPERIMENTS, GRIDS, Corpus, Grid
 from bench.evals.methods import METHODS
-from bench.evals.runner import estimated_seconds, plan_groups, run_cells
+from bench.evals.runner import estimated_seconds, plan_groups, run_cells, shared_rows
 
 REPO = Path(__file__).resolve().parents[2]
 MODES = ("tiny", "quick", "decide", "full")
@@ -146,7 +147,19 @@ def main(argv: list[str] | None = None, *, experiments: tuple[str, ...] | None =
         store = experiment.store(args.out)
         plans.append((experiment, grid, store, experiment.cells(grid, corpus, dtype=args.dtype, seed=args.seed)))
     jobs = [(store, cells) for _, _, store, cells in plans]
-    groups = plan_groups(jobs)
+    every_method = [(store, experiment.cells(dataclasses.replace(grid, methods=tuple(METHODS)), corpus,
+                                             dtype=args.dtype, seed=args.seed))
+                    for experiment, grid, store, _ in plans]
+    shares = shared_rows(jobs, every_method)
+    if shares_count := sum(len(rows) for _, rows in shares):
+        print(f"{shares_count} cells are the same computation as a stored cell of another method: shared"
+              + (" (on a run that is not a dry run)" if args.dry_run else ""))
+    if not args.dry_run:
+        for store, rows in shares:
+            store.add(rows)
+    shared_keys = {(id(store), store.key(row)) for store, rows in shares for row in rows}
+    groups = plan_groups([(store, [c for c in cells if (id(store), store.key(c.key)) not in shared_keys])
+                          for store, cells in jobs])
     pending = sum(len(g) for g in groups.values())
     estimate = sum(30 + sum(estimated_seconds(cells[0][1].context) for cells in g.values()) for g in groups.values())
     print(f"{', '.join(names)} ({args.mode}, {args.dtype}): {sum(len(c) for *_, c in plans)} cells, "
@@ -164,8 +177,9 @@ def main(argv: list[str] | None = None, *, experiments: tuple[str, ...] | None =
                            chunk_tokens=args.chunk_tokens, progress=not args.no_progress,
                            env={"VLLM_CPU_OMP_THREADS_BIND": args.cpu_bind} if args.cpu_bind else None)
     wall = time.perf_counter() - wall0
+    reported = {}
     for experiment, grid, store, cells in plans:
-        rows = [row for row in (store.get(c.key) for c in cells) if row is not None]
+        rows = reported[experiment.name] = [row for row in (store.get(c.key) for c in cells) if row is not None]
         missing = len(cells) - len(rows)
         paths = experiment.report(rows, grid, args.out, args.mode) if rows else []
         print(f"{experiment.name}: {len(rows)}/{len(cells)} cells" + (f" ({missing} missing)" if missing else ""))
@@ -179,6 +193,8 @@ def main(argv: list[str] | None = None, *, experiments: tuple[str, ...] | None =
                    "engine_runs": [dataclasses.asdict(r) for r in report.engine_runs]}
             with (args.out / experiment.name / "runs.jsonl").open("a", encoding="utf-8") as f:
                 f.write(json.dumps(log) + "\n")
+    if args.mode == "decide" and reported.get("passkey") and reported.get("perplexity"):
+        print(f"  {decision.write_report(reported['passkey'], reported['perplexity'], args.out).name}")
     if report is not None and report.failed:
         print(f"{len(report.failed)} engine run(s) failed: {', '.join(r.engine for r in report.failed)}",
               file=sys.stderr)

@@ -125,6 +125,10 @@ def _scoring_request(prompt: Sequence[int], extra_args: dict | None = None):
                    prompt_logprobs=0, extra_args=extra_args)
 
 
+SHARED_NOTE = ("*shared*: the same computation (engine, prompt and factor) as another method's stored cell, "
+               "computed once; `shared_from` in cells.csv names that method.")
+
+
 def _forced(method: Method, length: int) -> float | None:
     """The factor a cell's request asks for (part of its input: cells on one engine that ask for the same
     factor with the same prompt are one computation), or None."""
@@ -152,7 +156,8 @@ class Passkey(Experiment):
     name = "passkey"
     title = "Passkey retrieval"
     key_fields = ("method", "variant", "length", "depth", "seed", "dtype")
-    value_fields = ("engine", "scale", "prompt_tokens", "key", "answer", "passed", "output", "seconds")
+    value_fields = ("engine", "scale", "prompt_tokens", "key", "answer", "passed", "output", "seconds",
+                    "shared_from")
 
     @staticmethod
     def _prompt(corpus: Corpus, variant: str, length: int, depth: float, seed: int) -> list[int]:
@@ -199,11 +204,12 @@ class Passkey(Experiment):
         folder = out / self.name
         table = scoring.passkey_accuracy(rows, grid.methods)
         paths = [_write_csv(folder / f"{mode}_accuracy.csv", table,
-                            ("method", "variant", "length", "cells", "passed", "accuracy", "low", "high"))]
-        text = [f"# {self.title} ({mode})\n"]
+                            ("method", "variant", "length", "cells", "passed", "accuracy", "low", "high",
+                             "shared"))]
+        text = [f"# {self.title} ({mode})\n\n{SHARED_NOTE}\n"]
         for variant in grid.variants:
             part = [r for r in table if r["variant"] == variant]
-            shown = [{**r, "shown": f"{r['passed']}/{r['cells']} [{r['low']:.2f}, {r['high']:.2f}]"} for r in part]
+            shown = [{**r, "shown": scoring.passkey_shown(r)} for r in part]
             text += [f"\n## {variant} haystack: passed / cells [Wilson 95 % interval]\n\n",
                      scoring.pivot_markdown(shown, "method", "length", "shown", fmt="", labels=LABELS,
                                             column_label=_length_label)]
@@ -222,7 +228,8 @@ class Perplexity(Experiment):
     name = "perplexity"
     title = "Perplexity against context length (truncated documents)"
     key_fields = ("method", "book", "offset", "length", "dtype")
-    value_fields = ("engine", "scale", "scored_tokens", "nll_sum", "ppl", "logprobs_sha1", "seconds")
+    value_fields = ("engine", "scale", "scored_tokens", "nll_sum", "ppl", "logprobs_sha1", "seconds",
+                    "shared_from")  # the method whose stored cell was the same computation, or empty
 
     def cells(self, grid, corpus, *, dtype, seed):
         cells = []
@@ -246,10 +253,12 @@ class Perplexity(Experiment):
         table = scoring.perplexity_table(rows, grid.methods)
         books = sorted({r["book"] for r in rows})
         columns = ("method", "length", "documents", *[f"ppl_{b}" for b in books], "ppl", "ppl_sd", "ppl_min",
-                   "ppl_max")
+                   "ppl_max", "shared")
         paths = [_write_csv(folder / f"{mode}_perplexity.csv", table, columns)]
-        text = [f"# {self.title} ({mode})\n\n## Mean over {len(books)} book(s): {', '.join(books)}\n\n",
-                scoring.pivot_markdown(table, "method", "length", "ppl", fmt=".2f", labels=LABELS,
+        shown = [{**r, "shown": scoring.perplexity_shown(r)} for r in table]
+        text = [f"# {self.title} ({mode})\n\n{SHARED_NOTE}\n\n## Mean ± sample standard deviation (documents) over "
+                f"{len(books)} book(s): {', '.join(books)}\n\n",
+                scoring.pivot_markdown(shown, "method", "length", "shown", fmt="", labels=LABELS,
                                        column_label=_length_label)]
         if len(books) > 1:
             for book in books:

@@ -79,6 +79,30 @@ def plan_groups(jobs: Sequence[tuple[CellStore, Sequence[Cell]]]
     return ordered
 
 
+def shared_rows(jobs: Sequence[tuple[CellStore, Sequence[Cell]]],
+                donors: Sequence[tuple[CellStore, Sequence[Cell]]]) -> list[tuple[CellStore, list[dict]]]:
+    """For each pending cell of ``jobs``, the row of a stored cell of ``donors`` (the same stores, in the
+    same order) that is the same computation: computed on the engine of the pending cell, from the same
+    input (a policy at the factor another method's cell ran at, with the same prompt). Each row is the
+    stored one under the pending cell's key, with ``shared_from`` naming the method that computed it; the
+    caller stores them (:meth:`CellStore.add`), and they are then done like any other."""
+    out = []
+    for (store, cells), (donor_store, donor_cells) in zip(jobs, donors, strict=True):
+        assert store is donor_store, "donors are cells of the same stores"
+        computed: dict[tuple[str, tuple], dict[str, str]] = {}
+        for cell in donor_cells:
+            row = store.get(cell.key)
+            if row is not None and row["engine"] == cell.engine.name and not row.get("shared_from"):
+                computed.setdefault((cell.engine.name, cell.input_id), row)
+        rows = []
+        for cell in cells:
+            source = computed.get((cell.engine.name, cell.input_id))
+            if source is not None and not store.done(cell.key):
+                rows.append({**source, **cell.key, "shared_from": source["method"]})
+        out.append((store, rows))
+    return out
+
+
 def chunked(items: Sequence[tuple[tuple, list]], chunk_tokens: int) -> list[list[tuple[tuple, list]]]:
     """Consecutive chunks whose planned tokens stay within ``chunk_tokens`` (a chunk holds at least one)."""
     chunks: list[list] = []
@@ -194,7 +218,7 @@ def _run_chunk(config: EngineConfig, chunk, *, model: str, dtype: str, seed: int
     cells_done = 0
     for (_, cells), (result,) in zip(chunk, results):
         for store, cell in cells:
-            row = {**cell.key, **cell.finish(result)}
+            row = {**cell.key, **cell.finish(result), "shared_from": ""}  # computed here
             by_store.setdefault(id(store), (store, []))[1].append(row)
             cells_done += 1
     for store, rows in by_store.values():

@@ -16,7 +16,7 @@ import hashlib
 import math
 import statistics
 import struct
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
 Row = Mapping[str, str]
@@ -55,18 +55,36 @@ def wilson_interval(passed: int, trials: int, z: float = Z95) -> tuple[float, fl
 
 
 def passkey_accuracy(rows: Iterable[Row], methods: Sequence[str] = ()) -> list[dict]:
-    """One row per (method, variant, length): cells, passed, accuracy and its Wilson 95 % interval."""
+    """One row per (method, variant, length): cells, passed, accuracy and its Wilson 95 % interval, and how
+    many of its cells were shared (the same computation as another method's, ``shared_from``)."""
     groups: dict[tuple[str, str, int], list[bool]] = defaultdict(list)
+    shared: Counter[tuple[str, str, int]] = Counter()
     for row in rows:
-        groups[(row["method"], row["variant"], int(row["length"]))].append(row["passed"] == "True")
+        group = (row["method"], row["variant"], int(row["length"]))
+        groups[group].append(row["passed"] == "True")
+        shared[group] += bool(row.get("shared_from"))
     order = {m: i for i, m in enumerate(_order({k[0] for k in groups}, methods))}
     out = []
-    for method, variant, length in sorted(groups, key=lambda k: (order[k[0]], k[1], k[2])):
-        passed = groups[(method, variant, length)]
+    for group in sorted(groups, key=lambda k: (order[k[0]], k[1], k[2])):
+        method, variant, length = group
+        passed = groups[group]
         low, high = wilson_interval(sum(passed), len(passed))
         out.append({"method": method, "variant": variant, "length": length, "cells": len(passed),
-                    "passed": sum(passed), "accuracy": sum(passed) / len(passed), "low": low, "high": high})
+                    "passed": sum(passed), "accuracy": sum(passed) / len(passed), "low": low, "high": high,
+                    "shared": shared[group]})
     return out
+
+
+def passkey_shown(row: Mapping) -> str:
+    """A row of :func:`passkey_accuracy` as a table shows it: ``"7/10 [0.40, 0.89]"``, then ``shared`` when
+    its cells are another method's computations (``3 shared`` when some are)."""
+    return f"{row['passed']}/{row['cells']} [{row['low']:.2f}, {row['high']:.2f}]" + _shared_note(row, "cells")
+
+
+def _shared_note(row: Mapping, total: str) -> str:
+    if not row.get("shared"):
+        return ""
+    return " shared" if row["shared"] == row[total] else f" ({row['shared']} shared)"
 
 
 def passkey_grid(rows: Iterable[Row], method: str, variant: str
@@ -88,8 +106,10 @@ def perplexity_table(rows: Iterable[Row], methods: Sequence[str] = ()) -> list[d
     perplexity of each book, the mean over all documents, their sample standard deviation (None for one
     document), minimum and maximum."""
     groups: dict[tuple[str, int], dict[tuple[str, str], float]] = defaultdict(dict)
+    shared: Counter[tuple[str, int]] = Counter()
     for row in rows:
         groups[(row["method"], int(row["length"]))][(row["book"], row.get("offset", "0"))] = float(row["ppl"])
+        shared[(row["method"], int(row["length"]))] += bool(row.get("shared_from"))
     order = {m: i for i, m in enumerate(_order({k[0] for k in groups}, methods))}
     out = []
     for method, length in sorted(groups, key=lambda k: (order[k[0]], k[1])):
@@ -100,8 +120,16 @@ def perplexity_table(rows: Iterable[Row], methods: Sequence[str] = ()) -> list[d
                     **{f"ppl_{b}": statistics.fmean(v for (book, _), v in documents.items() if book == b)
                        for b in books},
                     "ppl": statistics.fmean(values), "ppl_sd": statistics.stdev(values) if len(values) > 1 else None,
-                    "ppl_min": min(values), "ppl_max": max(values)})
+                    "ppl_min": min(values), "ppl_max": max(values), "shared": shared[(method, length)]})
     return out
+
+
+def perplexity_shown(row: Mapping) -> str:
+    """A row of :func:`perplexity_table` as a table shows it: ``"25.74 ± 0.57 (6)"``, the mean, the sample
+    standard deviation (absent for one document) and the number of documents, then ``shared`` as
+    :func:`passkey_shown` says it."""
+    spread = "" if row["ppl_sd"] is None else f" ± {row['ppl_sd']:.2f}"
+    return f"{row['ppl']:.2f}{spread} ({row['documents']})" + _shared_note(row, "documents")
 
 
 def short_context_table(rows: Iterable[Row], methods: Sequence[str] = (), baseline: str = "unscaled"

@@ -6,7 +6,8 @@ hold a newline), so a row cut short by a crash is the file's last line without i
 dropped on load. :meth:`CellStore.compact` rewrites the file sorted by key, so the committed CSV does not
 depend on the order cells finished in. Several processes may fill one store at once (say one engine per
 core, each on its own methods): appends and compaction hold an exclusive lock on ``<file>.lock``, and
-compaction first reads back the rows the others appended::
+compaction first reads back the rows the others appended. A value column added to the end of the fields
+later is read as empty in the rows stored before it::
 
     store = CellStore(path, key_fields=("method", "length"), value_fields=("nll",))
     todo = [k for k in keys if not store.done(k)]
@@ -63,15 +64,16 @@ class CellStore:
         if cut_short:
             text = text[:text.rfind("\n") + 1]  # drop a row (or header) cut short by a crash
         reader = csv.reader(io.StringIO(text))
-        header = next(reader, None)
-        if header is not None and tuple(header) != self.fields:
-            raise ValueError(f"{self.path} has columns {header}, expected {list(self.fields)}; "
+        header = tuple(next(reader, None) or ())
+        added = self.fields[len(header):]  # value columns added since the file was written: empty in its rows
+        if header and (header + added != self.fields or len(header) < len(self.key_fields)):
+            raise ValueError(f"{self.path} has columns {list(header)}, expected {list(self.fields)}; "
                              "move it away to start afresh")
         for values in reader:
-            if len(values) == len(self.fields):
-                row = dict(zip(self.fields, values))
+            if len(values) == len(header):
+                row = dict(zip(self.fields, values + [""] * len(added)))
                 self._rows[self.key(row)] = row
-        if cut_short:
+        if cut_short or (header and added):
             self._rewrite()
 
     def done(self, cell: Mapping[str, Any]) -> bool:

@@ -4,7 +4,7 @@ nothing recomputed on a second run, failures retried and left pending."""
 from __future__ import annotations
 
 from bench.evals import methods
-from bench.evals.runner import Cell, chunked, plan_groups, run_cells
+from bench.evals.runner import Cell, chunked, plan_groups, run_cells, shared_rows
 from bench.evals.store import CellStore
 from server.offline import Request
 from tests.bench.conftest import FakeEngine
@@ -76,3 +76,23 @@ def test_extra_environment_reaches_every_engine(tmp_path):
               engine=engine, progress=False, env={"VLLM_CPU_OMP_THREADS_BIND": "1"})
     assert [spec.env["VLLM_CPU_OMP_THREADS_BIND"] for spec, _ in engine.calls] == ["1", "1"]
     assert all(spec.env["VLLM_CPU_ATTN_SPLIT_KV"] == "0" for spec, _ in engine.calls)
+
+
+def test_a_pending_cell_that_is_a_stored_computation_is_shared_not_recomputed(tmp_path):
+    s = CellStore(tmp_path / "cells.csv", ("method", "length"), ("engine", "tokens", "shared_from"))
+    engine = methods.static_yarn(8)
+
+    def cell(method, n, input_id=None):
+        return Cell({"method": method, "length": n}, engine, input_id or ("doc", n), n, None, None)
+
+    s.add([{"method": "a", "length": 4096, "engine": engine.name, "tokens": 7, "shared_from": ""},
+           {"method": "a", "length": 8192, "engine": "an-older-engine", "tokens": 9, "shared_from": ""}])
+    donors = [cell("a", 4096), cell("a", 8192)]
+    pending = [cell("b", 4096), cell("b", 8192), cell("c", 4096, ("another prompt",))]
+    ((store_, rows),) = shared_rows([(s, pending)], [(s, donors)])
+    assert store_ is s and rows == [{"method": "b", "length": 4096, "engine": engine.name, "tokens": "7",
+                                     "shared_from": "a"}]  # not a row another engine computed, nor another input
+    s.add(rows)
+    assert s.done({"method": "b", "length": 4096}) and plan_groups([(s, pending[:1])]) == {}
+    ((_, again),) = shared_rows([(s, pending)], [(s, donors + pending[:1])])
+    assert again == []  # done, and a shared row is never a source

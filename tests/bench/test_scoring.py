@@ -50,8 +50,9 @@ def test_perplexity_table_is_the_mean_of_per_document_perplexities():
             {"method": "m", "book": "x", "length": "2048", "ppl": "8.0"}]
     table = scoring.perplexity_table(rows)
     assert table[0] == {"method": "m", "length": 1024, "documents": 2, "ppl_x": 10.0, "ppl_y": 20.0, "ppl": 15.0,
-                        "ppl_sd": pytest.approx(7.0710678), "ppl_min": 10.0, "ppl_max": 20.0}
+                        "ppl_sd": pytest.approx(7.0710678), "ppl_min": 10.0, "ppl_max": 20.0, "shared": 0}
     assert table[1]["ppl"] == 8.0 and table[1]["documents"] == 1 and table[1]["ppl_sd"] is None
+    assert [scoring.perplexity_shown(row) for row in table] == ["15.00 ± 7.07 (2)", "8.00 (1)"]
 
 
 def test_perplexity_documents_are_books_from_each_offset():
@@ -69,6 +70,17 @@ def test_perplexity_documents_are_books_from_each_offset():
 ])
 def test_wilson_interval(passed, trials, low, high):
     assert scoring.wilson_interval(passed, trials) == (pytest.approx(low, abs=1e-4), pytest.approx(high, abs=1e-4))
+
+
+def test_tables_say_which_cells_are_shared():
+    rows = [{**r, "shared_from": "a" if r["method"] == "b" and r["length"] == "8192" else ""} for r in ROWS]
+    table = scoring.passkey_accuracy(rows, methods=["b", "a"])
+    assert [(r["length"], r["shared"]) for r in table[:2]] == [(4096, 0), (8192, 2)]
+    assert scoring.passkey_shown(table[1]) == "1/2 [0.09, 0.91] shared"
+    assert scoring.passkey_shown(table[0]).endswith("]")
+    ppl = scoring.perplexity_table([{"method": "m", "book": "x", "offset": o, "length": "1024", "ppl": "9.0",
+                                     "shared_from": "n" if o == "0" else ""} for o in ("0", "500")])
+    assert scoring.perplexity_shown(ppl[0]) == "9.00 ± 0.00 (2) (1 shared)"
 
 
 def test_passkey_accuracy_carries_its_interval():

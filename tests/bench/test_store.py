@@ -81,3 +81,11 @@ def test_two_writers_share_one_store(tmp_path):
     b.compact()
     assert len(store(tmp_path)) == 3
     assert [line.split(",")[0] for line in a.path.read_text().splitlines()[1:]] == ["a", "b", "b"]
+
+
+def test_a_value_column_added_later_reads_as_empty_in_older_rows(tmp_path):
+    (tmp_path / "cells.csv").write_text("method,length,depth,ppl\nm,512,0.5,1.0\n")
+    s = store(tmp_path)
+    assert s.get({"method": "m", "length": 512, "depth": 0.5}) == {
+        "method": "m", "length": "512", "depth": "0.5", "ppl": "1.0", "passed": ""}
+    assert s.path.read_text().splitlines() == ["method,length,depth,ppl,passed", "m,512,0.5,1.0,"]
