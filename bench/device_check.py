@@ -100,12 +100,13 @@ def check_tables(report: Report, device: str) -> None:
 
 
 def _batch(seed: int):
-    """A flat batch of three requests at scales drawn from 1, 2, 8: (positions, factors)."""
+    """A flat batch of three requests at scales drawn from the buckets: (positions, factors, float64 so a
+    bucket such as sqrt(2) stays itself)."""
     g = torch.Generator().manual_seed(seed)
     factors = [SCALING.buckets[i] for i in torch.randint(0, len(SCALING.buckets), (3,), generator=g).tolist()]
     parts = [torch.arange(int(s), int(s) + n) for s, n in zip(torch.randint(0, 4000, (3,), generator=g), (70, 40, 18))]
     positions = torch.cat(parts)
-    per_token = torch.cat([torch.full((p.numel(),), f) for p, f in zip(parts, factors)])
+    per_token = torch.cat([torch.full((p.numel(),), f, dtype=torch.float64) for p, f in zip(parts, factors)])
     return positions, per_token
 
 
@@ -140,7 +141,7 @@ def check_lookup(report: Report, device: str) -> None:
         for seed in range(3):
             positions, query, expected = load(seed, dtype)
             worst = max(worst, float((step(positions, query).cpu().to(torch.float64) - expected).abs().max()))
-        report.check("lookup", f"eager, scales 1/2/8 mixed per token, {label}", worst, ROTATE_TOL[dtype])
+        report.check("lookup", f"eager, scales mixed per token, {label}", worst, ROTATE_TOL[dtype])
         compiled = torch.compile(step, dynamic=True)
         worst = 0.0
         for seed in range(3):

@@ -60,10 +60,15 @@ class RotaryConfig:
 
 
 def default_buckets(max_factor: float) -> tuple[float, ...]:
-    """Powers of two from 1 up to ``max_factor``, plus ``max_factor`` itself when it is not one."""
+    """Factors sqrt(2) apart from 1 up to ``max_factor`` (1, 1.41, 2, 2.83, 4, ...; the powers of two exact),
+    plus ``max_factor`` itself when it is not one of them. Chosen by the evidence grid over powers of two
+    (docs/RESULTS.md, "Deciding the policy"): as good at every length measured, better perplexity where a
+    request fits the bucket between two powers."""
     buckets = [1.0]
-    while buckets[-1] * 2 < max_factor:
-        buckets.append(buckets[-1] * 2)
+    k = 1
+    while (step := 2 ** (k / 2) if k % 2 else float(2 ** (k // 2))) < max_factor:
+        buckets.append(step)
+        k += 1
     if buckets[-1] != max_factor:
         buckets.append(float(max_factor))
     return tuple(buckets)
@@ -75,15 +80,17 @@ class RopeScaling:
 
     ``method`` names an entry of :data:`rope_ext.methods.METHODS`. ``original_max_position`` is the
     training context L; ``max_factor`` the largest scale served, so the served context is
-    ``floor(L * max_factor)``. ``buckets`` are the scales a request may run at (default: powers of two
-    up to ``max_factor``). ``generation_reserve`` is the room assumed for generation when a request does
-    not say its ``max_tokens``, and under the growth modes how far ahead a request's first bucket looks.
-    ``finetuned_factor`` is the factor a model was fine-tuned at with YaRN: no request runs below it. ``headroom`` (>= 1) sizes buckets past L for ``headroom`` times the length.
-    ``growth`` says how a request's generation is provided for: ``"recompute"`` (default) and
-    ``"rerotate"`` admit it at the bucket of its prompt and its next ``generation_reserve`` tokens (at
-    most) and move it to the bucket its length needs when it outgrows one (its cached tokens recomputed at the new scale, or its cached keys re-rotated,
-    ``rope_ext.rerotate``); ``"reserve"`` sizes its bucket for prompt plus generation up front and keeps
-    it. See :mod:`rope_ext.policy`. The rest are the paper's and transformers' knobs.
+    ``floor(L * max_factor)``. ``buckets`` are the scales a request may run at (default: factors sqrt(2)
+    apart up to ``max_factor``, :func:`default_buckets`). ``generation_reserve`` is the room assumed for
+    generation when a request does not say its ``max_tokens``, and under the growth modes how far ahead a
+    request's first bucket looks.
+    ``finetuned_factor`` is the factor a model was fine-tuned at with YaRN: no request runs below it.
+    ``headroom`` (>= 1) sizes buckets past L for ``headroom`` times the length. ``growth`` says how a
+    request's generation is provided for: ``"recompute"`` (default) and ``"rerotate"`` admit it at the
+    bucket of its prompt and its next ``generation_reserve`` tokens (at most) and move it to the bucket its
+    length needs when it outgrows one (its cached tokens recomputed at the new scale, or its cached keys
+    re-rotated, ``rope_ext.rerotate``); ``"reserve"`` sizes its bucket for prompt plus generation up front
+    and keeps it. See :mod:`rope_ext.policy`. The rest are the paper's and transformers' knobs.
     """
 
     method: str = "dynamic_yarn"

@@ -50,7 +50,8 @@ class BucketTables:
         try:
             return self.factors.index(float(factor))
         except ValueError:
-            raise RopeConfigError("factor", f"{factor} is not a bucket; buckets: {list(self.factors)}") from None
+            raise RopeConfigError("factor", f"{factor:g} is not a bucket; buckets: "
+                                  f"{', '.join(f'{f:g}' for f in self.factors)}") from None
 
     def row_offset(self, factor: float) -> int:
         """The row at which the table of bucket ``factor`` starts."""

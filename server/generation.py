@@ -63,8 +63,10 @@ CHAT = "/v1/chat/completions"
 
 
 def format_factor(factor: float) -> str:
-    """The header value of a factor: ``2.0`` -> ``"2"``, ``1.5`` -> ``"1.5"``."""
-    return f"{factor:g}"
+    """The header value of a factor, exact and short: ``2.0`` -> ``"2"``, ``1.5`` -> ``"1.5"``, the bucket
+    sqrt(2) -> ``"1.4142135623730951"`` (the float itself, so a client can send it back as ``rope_factor``)."""
+    short = f"{factor:g}"
+    return short if float(short) == factor else repr(float(factor))
 
 
 class Generation:

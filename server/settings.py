@@ -126,7 +126,8 @@ class GatewaySettings(BaseSettings):
         8.0, ge=1, description="Largest scale factor served; the maximum context is floor(L * factor).")
     rope_buckets: Annotated[list[float] | None, NoDecode] = Field(
         None, description="Scale factors a request may run at (comma-separated, from 1 up to the maximum "
-        "factor). Default: powers of two up to the maximum factor.")
+        "factor). Default: factors sqrt(2) apart up to the maximum factor (1, 1.41, 2, 2.83, 4, ...), the "
+        "policy the evidence grid chose (docs/RESULTS.md).")
     rope_generation_reserve: int = Field(
         512, ge=0, description="Tokens assumed for generation when a request does not set max_tokens; under "
         "`recompute` and `rerotate`, how far ahead a request's first bucket looks (0: the bucket of the prompt alone, "

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rope_ext import RopeScaling, choose_factor
+from rope_ext.config import default_buckets
 
 L = 8192  # SmolLM2-135M's training context (max_position_embeddings)
 ROPE_THETA = 100000.0
@@ -105,8 +106,10 @@ def ntk(factor: float) -> EngineConfig:
 
 
 def plugin(rope_type: str, factor: float = MAX_FACTOR, buckets: tuple[float, ...] | None = None) -> EngineConfig:
-    """The plugin engine; with ``buckets`` (default: powers of two), named ``...-buckets`` (the bench uses one
-    bucket list besides the default, :data:`FINE_BUCKETS`)."""
+    """The plugin engine; with ``buckets`` (default: rope_ext's, sqrt(2) apart since the decide grid; powers of
+    two before), named ``...-buckets...``: every YaRN policy runs on one engine holding :data:`FINE_BUCKETS`
+    (the stored cells name it so), dynamic NTK on the plain name (its cells run at 2 and 4, which every
+    bucket list here holds, and a bucket's table does not depend on the others)."""
     params: dict[str, Any] = {"rope_type": rope_type, "rope_theta": ROPE_THETA, "factor": float(factor),
                               "original_max_position_embeddings": L}
     if buckets is not None:
@@ -115,9 +118,12 @@ def plugin(rope_type: str, factor: float = MAX_FACTOR, buckets: tuple[float, ...
     return _config(f"plugin-{rope_type}-x{factor:g}{suffix}", {"rope_parameters": params}, int(L * factor))
 
 
-POLICY = RopeScaling(method="dynamic_yarn", original_max_position=L, max_factor=MAX_FACTOR)
+# The policies as the decide grid measures them (its stored cells are keyed by these names): powers of two,
+# rope_ext's default until the grid chose buckets sqrt(2) apart ("dynamic-yarn-fine", now the default).
+POWERS = (1.0, 2.0, 4.0, 8.0)
+POLICY = RopeScaling(method="dynamic_yarn", original_max_position=L, max_factor=MAX_FACTOR, buckets=POWERS)
 # Factors sqrt(2) apart: every bucket of every ropeserve policy compared here (they share one engine).
-FINE_BUCKETS = tuple(2 ** (k / 2) if k % 2 else float(2 ** (k // 2)) for k in range(7))
+FINE_BUCKETS = default_buckets(MAX_FACTOR)
 POLICIES: dict[str, RopeScaling] = {
     "dynamic-yarn": POLICY,
     "dynamic-yarn-headroom": dataclasses.replace(POLICY, headroom=1.25),
@@ -173,9 +179,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("linear-x8", "PI (linear) x8", lambda n: linear(8), _fixed(8.0)),
     Method("ntk-x8", "static NTK x8 (vLLM ntk)", lambda n: ntk(8), _fixed(8.0)),
     _ropeserve("dynamic-ntk", "ropeserve dynamic NTK"),
-    _ropeserve("dynamic-yarn", "ropeserve dynamic YaRN"),
-    _ropeserve("dynamic-yarn-headroom", "ropeserve dynamic YaRN, headroom 1.25"),
-    _ropeserve("dynamic-yarn-fine", "ropeserve dynamic YaRN, buckets sqrt(2) apart"),
+    _ropeserve("dynamic-yarn", "ropeserve dynamic YaRN, powers of two"),
+    _ropeserve("dynamic-yarn-headroom", "ropeserve dynamic YaRN, powers of two, headroom 1.25"),
+    _ropeserve("dynamic-yarn-fine", "ropeserve dynamic YaRN, buckets sqrt(2) apart (the default)"),
 )}
 
 

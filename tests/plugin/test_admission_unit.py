@@ -20,6 +20,7 @@ pytest.importorskip("vllm")
 L = 8192
 SCALING = RopeScaling(method="dynamic_yarn", original_max_position=L, max_factor=8.0, growth="reserve")
 MAX_MODEL_LEN = SCALING.max_context
+R2 = 2 ** 0.5  # the default buckets: 1, 1.41, 2, 2.83, 4, 5.66, 8
 
 
 def _request(prompt_len: int, max_tokens: int | None, extra_args=None, cache_salt=None):
@@ -36,11 +37,12 @@ def _request(prompt_len: int, max_tokens: int | None, extra_args=None, cache_sal
     (100, 16, 1.0),
     (8000, 100, 1.0),
     (8100, 92, 1.0),        # exactly L
-    (8100, 93, 2.0),        # one token past L
+    (8100, 93, R2),         # one token past L: the first bucket past it, sqrt(2)
     (12000, 256, 2.0),
-    (40000, 16, 8.0),
-    (8000, None, 2.0),      # unset: the 512-token reserve counts
-    (8000, MAX_MODEL_LEN - 8000, 2.0),  # vLLM's fill-in of an unset max_tokens reads as unset
+    (40000, 16, 4 * R2),
+    (50000, 16, 8.0),
+    (8000, None, R2),       # unset: the 512-token reserve counts
+    (8000, MAX_MODEL_LEN - 8000, R2),  # vLLM's fill-in of an unset max_tokens reads as unset
     (100, MAX_MODEL_LEN - 100, 1.0),
 ])
 def test_factor_follows_the_policy(prompt_len, max_tokens, expected):
@@ -75,7 +77,7 @@ REROTATE = RopeScaling(method="dynamic_yarn", original_max_position=L, max_facto
     (100, None, 1.0, True),                  # no limit: may cross L
     (7000, 1500, 1.0, True),                 # 8500 > L, but 7000 + its 512-token look-ahead fits
     (7000, MAX_MODEL_LEN - 7000, 1.0, True),  # vLLM's fill-in reads as unset
-    (8000, 500, 2.0, False),                 # it would cross L within its look-ahead: it starts above
+    (8000, 500, R2, False),                  # it would cross L within its look-ahead: it starts above
     (12000, 256, 2.0, False),
     (60000, None, 8.0, False),               # the largest bucket: nowhere to grow
 ])

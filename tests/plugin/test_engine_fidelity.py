@@ -7,7 +7,8 @@ float32, compiled) so that one request run alone goes through identical steps in
 exact, to the last logprob:
 
 - stock vLLM with plain RoPE (``VLLM_ALLOW_LONG_MAX_MODEL_LEN=1``): the oracle for the short prompts;
-- stock vLLM with static YaRN at factor 2: the oracle for the long prompt (10000 + 8 tokens -> factor 2);
+- stock vLLM with static YaRN at factor sqrt(2): the oracle for the long prompt (10000 + 8 tokens -> the
+  first bucket past L, sqrt(2), of the default buckets sqrt(2) apart);
 - vLLM with the plugin (dynamic YaRN up to 8 x 8192): each prompt alone; then all of them submitted
   together; then one short prompt forced to factor 2 (its factor-1 blocks are in the prefix cache);
   then the long prompt again (its blocks are reusable at the same scale); then decode batches whose mix of
@@ -33,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from rope_ext import default_buckets
 from server.offline import EngineSpec, Request, run_offline
 
 pytestmark = pytest.mark.engine
@@ -40,16 +42,17 @@ pytestmark = pytest.mark.engine
 L = 8192
 MAX_MODEL_LEN = 8 * L
 SHORT_LENGTHS = (256, 2000, 6000)  # + 8 new tokens <= L: factor 1
-LONG_LENGTH = 10000  # + 8 new tokens: factor 2 (past L, and a 16k prefill would cost minutes more)
+LONG_LENGTH = 10000  # + 8 new tokens: factor sqrt(2) (past L, and a 16k prefill would cost minutes more)
+LONG_FACTOR = 2 ** 0.5
 NEW_TOKENS = 8
 ROPE_THETA = 100000.0
 ISOLATION_TOLERANCE = 1e-4  # max |logprob difference| of a request alone vs among others (float32)
 
 PLUGIN = {"rope_parameters": {"rope_type": "dynamic_yarn", "rope_theta": ROPE_THETA, "factor": 8.0,
                               "original_max_position_embeddings": L}}
-STATIC_YARN_2 = {"rope_parameters": {"rope_type": "yarn", "rope_theta": ROPE_THETA, "factor": 2.0,
-                                     "original_max_position_embeddings": L},
-                 "max_position_embeddings": MAX_MODEL_LEN}
+STATIC_YARN_LONG = {"rope_parameters": {"rope_type": "yarn", "rope_theta": ROPE_THETA, "factor": LONG_FACTOR,
+                                        "original_max_position_embeddings": L},
+                    "max_position_embeddings": MAX_MODEL_LEN}
 
 
 def _spec(model_dir: str, core: int, hf_overrides=None, **env) -> EngineSpec:
@@ -83,7 +86,7 @@ def runs(model_dir, book_tokens):
                              counters=True)
         (*stock_alone,) = pool.submit(run_offline, _spec(model_dir, 1, VLLM_ALLOW_LONG_MAX_MODEL_LEN="1"),
                                       [[r] for r in shorts]).result()
-        (yarn_alone,) = pool.submit(run_offline, _spec(model_dir, 1, STATIC_YARN_2), [[long]]).result()
+        (yarn_alone,) = pool.submit(run_offline, _spec(model_dir, 1, STATIC_YARN_LONG), [[long]]).result()
         results, counters = plugin.result()
     plugin_alone, (plugin_mixed, plugin_short_at_2, plugin_long_again, plugin_changing) = results[:4], results[4:8]
     return {
@@ -146,5 +149,5 @@ def test_every_scheduled_token_was_computed_at_its_factor(runs):
     for every token the scheduler scheduled, at the same factors, factor 4 included."""
     counters = runs["counters"]
     assert counters["computed"] == counters["scheduled"]
-    at_4 = counters["computed"][2]  # buckets 1, 2, 4, 8
+    at_4 = counters["computed"][default_buckets(8.0).index(4.0)]  # the default buckets, sqrt(2) apart
     assert at_4 == 2 * (200 + 10 - 1)  # the factor-4 request, together and alone (its last token is never fed)

@@ -38,7 +38,7 @@ LOOK_AHEAD = 16  # generation_reserve, scaled down with L: the prompt and its ne
 ISOLATION_TOLERANCE = 1e-4
 OVERRIDES = {"rope_parameters": {"rope_type": "dynamic_yarn", "rope_theta": 100000.0, "factor": MAX_FACTOR,
                                  "original_max_position_embeddings": L, "growth": "recompute",
-                                 "generation_reserve": LOOK_AHEAD},
+                                 "generation_reserve": LOOK_AHEAD, "buckets": [1.0, 2.0, 4.0]},
              "max_position_embeddings": MAX_MODEL_LEN}
 
 

@@ -18,7 +18,8 @@ from rope_ext import RopeScaling
 pytest.importorskip("vllm")
 
 L = 256
-SCALING = RopeScaling(method="dynamic_yarn", original_max_position=L, max_factor=8.0)
+# Buckets pinned to powers of two (offsets and counters read easily); the default ones work the same.
+SCALING = RopeScaling(method="dynamic_yarn", original_max_position=L, max_factor=8.0, buckets=(1, 2, 4, 8))
 
 
 @pytest.fixture(autouse=True)

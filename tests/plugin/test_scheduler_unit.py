@@ -34,9 +34,10 @@ def hasher():
 
 def _scaling(growth: str) -> RopeScaling:
     # no look-ahead (the paper's rule): a request starts at the bucket of its prompt, so a test places each
-    # crossing by its prompt length alone (the look-ahead is admission's, tested in test_admission_unit.py)
+    # crossing by its prompt length alone (the look-ahead is admission's, tested in test_admission_unit.py);
+    # buckets pinned to powers of two so the crossings read easily (the mechanism is the same for any)
     return RopeScaling(method="dynamic_yarn", original_max_position=L, max_factor=8.0, growth=growth,
-                       generation_reserve=0)
+                       generation_reserve=0, buckets=(1, 2, 4, 8))
 
 
 def _request(hasher, scaling, prompt_len, *, output=0, computed=None, override=None, salt=None, req_id="r",

@@ -10,6 +10,7 @@ from server.errors import ContextLengthExceeded, InvalidRequest
 
 SCALING = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, growth="reserve")
 GROWING = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0)  # the default
+R2 = 2 ** 0.5  # the default buckets: 1, 1.41, 2, 2.83, 4, 5.66, 8
 
 
 @pytest.mark.parametrize("prompt", [0, 1, 7680, 7681, 8192, 12000, 16384, 30000, 40000, 65000])
@@ -25,22 +26,22 @@ def test_factor_is_the_policy_choice(prompt: int, max_tokens: int | None) -> Non
 def test_examples_of_the_policy() -> None:
     assert admit(100, 100, SCALING).factor == 1.0
     assert admit(8000, 192, SCALING).factor == 1.0   # exactly L: plain RoPE
-    assert admit(8000, 193, SCALING).factor == 2.0
-    assert admit(8000, None, SCALING).factor == 2.0  # the 512-token reserve makes it longer than L
+    assert admit(8000, 193, SCALING).factor == R2    # past L: the first bucket, sqrt(2)
+    assert admit(8000, None, SCALING).factor == R2   # the 512-token reserve makes it longer than L
     assert admit(12000, 256, SCALING).factor == 2.0
-    assert admit(20000, 16, SCALING).factor == 4.0
+    assert admit(20000, 16, SCALING).factor == 2 * R2
     assert admit(65536, 0, SCALING).factor == 8.0
 
 
 def test_the_default_growth_starts_a_request_at_the_bucket_of_its_prompt_and_its_look_ahead() -> None:
     assert admit(7680, None, GROWING).factor == 1.0   # prompt + the 512-token reserve fills L
-    assert admit(7681, None, GROWING).factor == 2.0   # its next 512 tokens would cross L
+    assert admit(7681, None, GROWING).factor == R2    # its next 512 tokens would cross L
     assert admit(7000, 4000, GROWING).factor == 1.0   # it grows when it crosses L, not before
     assert admit(8000, 192, GROWING).factor == 1.0    # it ends within L
     assert admit(12000, 256, GROWING).factor == 2.0
-    assert final_factor(admit(7000, None, GROWING), 7000, 1194, GROWING) == 2.0  # 8193 tokens computed
+    assert final_factor(admit(7000, None, GROWING), 7000, 1194, GROWING) == R2  # 8193 tokens computed
     assert final_factor(admit(7000, None, GROWING), 7000, 1193, GROWING) == 1.0  # its last token is never fed
-    assert final_factor(admit(8000, 193, SCALING), 8000, 193, SCALING) == 2.0   # reserve: as it started
+    assert final_factor(admit(8000, 193, SCALING), 8000, 193, SCALING) == R2   # reserve: as it started
 
 
 def test_prompt_over_the_context_is_refused() -> None:
@@ -92,3 +93,10 @@ def test_vllm_xargs_factor_counts_as_an_override() -> None:
     assert resolve_override(4, None, 4, SCALING) == 4
     with pytest.raises(InvalidRequest, match="disagree"):
         resolve_override(2, None, 4, SCALING)
+
+
+def test_the_factor_header_is_short_and_exact() -> None:
+    from server.generation import format_factor
+
+    assert [format_factor(f) for f in (1.0, 2.0, 1.5, 8.0)] == ["1", "2", "1.5", "8"]
+    assert all(float(format_factor(f)) == f for f in GROWING.buckets)  # sqrt(2) is not rounded to 1.41421

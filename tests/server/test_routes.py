@@ -16,6 +16,7 @@ from tests.server.fake_engine import MODEL, FakeEngine
 pytestmark = pytest.mark.anyio
 
 SCALING = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0)  # growth: recompute
+R2 = 2 ** 0.5  # the default buckets: 1, 1.41, 2, 2.83, 4, 5.66, 8
 
 
 def words(n: int) -> str:
@@ -75,16 +76,16 @@ async def test_chat_counts_tokens_with_the_chat_template() -> None:
                                             "max_tokens": 9999})
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"]
-    assert response.headers["x-rope-factor"] == "2"
+    assert response.headers["x-rope-factor"] == "1.4142135623730951"  # exact: a client may send it back
     sent = engine.requests[0][1]
     assert sent["model"] == MODEL and sent["seed"] == 1 and sent["messages"] == messages
-    assert engine.factors == [2.0]
+    assert engine.factors == [R2]
 
 
 async def test_chat_template_options_reach_tokenize() -> None:
     engine = FakeEngine()
     # the toy template adds 2 tokens around a message and 1 for the generation prompt: without it, the
-    # prompt and its 50 new tokens are exactly L = 8192 tokens (factor 1); with it, one more (factor 2)
+    # prompt and its 50 new tokens are exactly L = 8192 tokens (factor 1); with it, one more (factor 1.41)
     content = words(8192 - 2 - 50)
     async with gateway([engine]) as client:
         plain = await client.post("/v1/chat/completions", json={
@@ -92,7 +93,7 @@ async def test_chat_template_options_reach_tokenize() -> None:
         no_prompt = await client.post("/v1/chat/completions", json={
             "messages": [{"role": "user", "content": content}], "max_tokens": 50,
             "add_generation_prompt": False})
-    assert plain.headers["x-rope-factor"] == "2" and no_prompt.headers["x-rope-factor"] == "1"
+    assert float(plain.headers["x-rope-factor"]) == R2 and no_prompt.headers["x-rope-factor"] == "1"
 
 
 async def test_token_id_and_batch_prompts() -> None:
@@ -101,8 +102,8 @@ async def test_token_id_and_batch_prompts() -> None:
         ids = await client.post("/v1/completions", json={"prompt": list(range(9000)), "max_tokens": 1})
         batch = await client.post("/v1/completions", json={"prompt": ["short", words(17000)], "max_tokens": 1})
         mixed = await client.post("/v1/completions", json={"prompt": [[1, 2, 3], list(range(5))], "max_tokens": 1})
-    assert ids.headers["x-rope-factor"] == "2"
-    assert batch.headers["x-rope-factor"] == "4"  # one factor for the batch: the longest prompt's
+    assert float(ids.headers["x-rope-factor"]) == R2
+    assert float(batch.headers["x-rope-factor"]) == 2 * R2  # one factor for the batch: the longest prompt's
     assert mixed.headers["x-rope-factor"] == "1"
     assert engine.requests[0][1]["prompt"] == list(range(9000))
 
@@ -117,8 +118,8 @@ async def test_rope_factor_override_and_method() -> None:
                                                             "rope_method": "default"})
         served = await client.post("/v1/completions", json={"prompt": words(9000), "max_tokens": 1,
                                                              "rope_method": "dynamic_yarn"})
-    assert [r.headers["x-rope-factor"] for r in (up, xargs, plain, served)] == ["4", "8", "1", "2"]
-    assert engine.factors == [4.0, 8.0, 1.0, 2.0]
+    assert [float(r.headers["x-rope-factor"]) for r in (up, xargs, plain, served)] == [4.0, 8.0, 1.0, R2]
+    assert engine.factors == [4.0, 8.0, 1.0, R2]
     assert all("rope_method" not in body and "rope_factor" not in body for _, body in engine.requests)
 
 
@@ -237,7 +238,7 @@ async def test_models_health_and_ready() -> None:
     assert models.json()["object"] == "list"
     assert card["id"] == MODEL and card["max_model_len"] == 65536
     assert card["original_max_position"] == 8192 and card["max_context"] == 65536
-    assert card["rope"]["method"] == "dynamic_yarn" and card["rope"]["buckets"] == [1.0, 2.0, 4.0, 8.0]
+    assert card["rope"]["method"] == "dynamic_yarn" and card["rope"]["buckets"] == list(SCALING.buckets)
     assert health.status_code == 200 and health.json() == {"status": "ok"}
     assert ready.status_code == 200 and ready.json()["engines"][0]["healthy"] is True
 
@@ -337,11 +338,11 @@ async def test_a_request_that_grows_reports_where_it_started_and_ended() -> None
         pinned = await client.post("/v1/completions", json={"prompt": words(7680), "max_tokens": 520,
                                                             "rope_factor": 1})
         metrics = (await client.get("/metrics")).text
-    assert (grown.headers["x-rope-factor"], grown.headers["x-rope-factor-final"]) == ("1", "2")
+    assert (grown.headers["x-rope-factor"], grown.headers["x-rope-factor-final"]) == ("1", repr(R2))
     assert (short.headers["x-rope-factor"], short.headers["x-rope-factor-final"]) == ("1", "1")
     assert (pinned.headers["x-rope-factor"], pinned.headers["x-rope-factor-final"]) == ("1", "1")  # pinned
     assert engine.requests[2][1]["vllm_xargs"] == {"rope_factor": 1}  # the client's override, forwarded
-    assert 'ropeserve_rope_factor_final_bucket{le="2.0"} 3.0' in metrics
+    assert 'ropeserve_rope_factor_final_bucket{le="1.4142135623730951"} 3.0' in metrics
     assert 'ropeserve_rope_factor_final_bucket{le="1.0"} 2.0' in metrics
 
 
@@ -354,7 +355,7 @@ async def test_a_stream_reports_the_final_factor_in_its_usage_chunk() -> None:
     events = [json.loads(line[6:]) for line in response.text.splitlines()
               if line.startswith("data: ") and line != "data: [DONE]"]
     assert response.headers["x-rope-factor"] == "1"
-    assert [e.get("rope_factor") for e in events] == [None] * 520 + [{"start": 1.0, "final": 2.0}]
+    assert [e.get("rope_factor") for e in events] == [None] * 520 + [{"start": 1.0, "final": R2}]
     assert events[-1]["usage"]["completion_tokens"] == 520 and events[-1]["choices"] == []
     assert "rope_factor" not in plain.text  # no usage asked for: the start factor (header) only
 

@@ -26,7 +26,7 @@ def test_defaults_describe_the_default_model() -> None:
     assert settings.embedded and settings.host == "127.0.0.1" and settings.port == 8000
     scaling = settings.rope_scaling()
     assert (scaling.method, scaling.original_max_position, scaling.max_factor) == ("dynamic_yarn", 8192, 8.0)
-    assert scaling.max_context == 65536 and scaling.buckets == (1.0, 2.0, 4.0, 8.0)
+    assert scaling.max_context == 65536 and scaling.buckets == (1.0, 2 ** 0.5, 2.0, 2 ** 1.5, 4.0, 2 ** 2.5, 8.0)
     assert settings.served_model_name == "SmolLM2-135M-Instruct"
 
 

@@ -190,7 +190,7 @@ async def test_an_engine_that_schedules_scaled_tokens_but_computes_none_leaves_r
     assert not pool.ready and pool.engines[0].state == "unhealthy"
     assert "scheduled 9004 tokens at scaled RoPE factors but computed none" in pool.engines[0].last_error
     engine.rope_hook_broken = False  # a healthy engine (say, restarted) computes at its factors again
-    engine.rope_computed[2.0] = engine.rope_scheduled[2.0]
+    engine.rope_computed.update(engine.rope_scheduled)
     await pool.check_all()
     assert pool.ready
     await pool.close()

@@ -1,7 +1,8 @@
 """The ``growth`` setting of the policy: the growth modes ("recompute", the default, and "rerotate": admit at
 the smallest bucket that fits the prompt and its next ``generation_reserve`` tokens, move to a larger bucket
 when the request outgrows its own) against "reserve" (sized for prompt plus generation up front).
-Default model settings: L = 8192, buckets 1, 2, 4, 8.
+The default model's L = 8192, with buckets pinned to powers of two (1, 2, 4, 8) so the crossings read
+easily; the mechanism is the same for any buckets, and the default ones are tested in test_policy.py.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ import pytest
 from rope_ext import RopeConfigError, RopeScaling, choose_factor
 from rope_ext.policy import bucket_for_length, factor_at, grown_factor, grows, may_outgrow
 
-RESERVE = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, growth="reserve")
-GROW = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, growth="rerotate")
+POWERS = (1.0, 2.0, 4.0, 8.0)
+RESERVE = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, growth="reserve",
+                      buckets=POWERS)
+GROW = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, growth="rerotate",
+                   buckets=POWERS)
 PAPER = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, growth="recompute",
-                    generation_reserve=0)
+                    buckets=POWERS, generation_reserve=0)
 
 
 def test_default_is_recompute() -> None:
@@ -54,7 +58,8 @@ def test_grow_admits_at_the_bucket_of_the_prompt_and_its_next_reserve_tokens(pro
 
 def test_override_and_finetuned_floor_still_apply_under_grow() -> None:
     assert choose_factor(100, 16, GROW, override=3) == 4.0
-    floored = RopeScaling(original_max_position=8192, max_factor=8.0, finetuned_factor=2.0, growth="rerotate")
+    floored = RopeScaling(original_max_position=8192, max_factor=8.0, finetuned_factor=2.0, growth="rerotate",
+                          buckets=POWERS)
     assert choose_factor(100, 16, floored) == 2.0
 
 
@@ -91,7 +96,7 @@ def test_grown_factor(factor, length, expected) -> None:
 
 def test_grown_factor_keeps_the_headroom() -> None:
     headroom = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, growth="recompute",
-                           headroom=1.25)
+                           buckets=POWERS, headroom=1.25)
     assert grown_factor(2.0, 16385, headroom) == 4.0
     assert grown_factor(4.0, 32769, headroom) == 8.0
     assert grown_factor(1.0, 8193, headroom) == 2.0
@@ -114,6 +119,6 @@ def test_factor_at_is_the_chain_of_crossings_not_the_final_length() -> None:
     # With headroom, the crossing at 16385 tokens lands on 4 (1.25 x 16385 fits 32768); a request that then
     # ends at 30000 tokens stays at 4, though 1.25 x 30000 alone would need 8.
     headroom = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, growth="recompute",
-                           headroom=1.25)
+                           buckets=POWERS, headroom=1.25)
     assert factor_at(2.0, 30000, headroom) == 4.0
     assert factor_at(2.0, 32769, headroom) == 8.0

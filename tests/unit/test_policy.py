@@ -1,6 +1,6 @@
 """The per-request scale policy by example, for the default model's settings: L = 8192, served up to
-s = 8 (buckets 1, 2, 4, 8), a 512-token generation reserve when a request gives no ``max_tokens``. The
-examples size a request's bucket for its planned length, i.e. ``growth="reserve"``; the growth modes
+s = 8 (buckets sqrt(2) apart: 1, 1.41, 2, 2.83, 4, 5.66, 8), a 512-token generation reserve when a
+request gives no ``max_tokens``. The examples size a request's bucket for its planned length, i.e. ``growth="reserve"``; the growth modes
 (tests/unit/test_growth_policy.py) read the prompt alone through the same rule.
 """
 
@@ -11,10 +11,11 @@ import pytest
 from rope_ext import RopeScaling, choose_factor, planned_length
 
 DEFAULT = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, growth="reserve")
+R2 = 2 ** 0.5
 
 
 def test_default_settings() -> None:
-    assert DEFAULT.buckets == (1.0, 2.0, 4.0, 8.0)
+    assert DEFAULT.buckets == (1.0, 2 ** 0.5, 2.0, 2 ** 1.5, 4.0, 2 ** 2.5, 8.0)
     assert RopeScaling(original_max_position=8192, max_factor=8.0).growth == "recompute"
     assert DEFAULT.generation_reserve == 512
     assert DEFAULT.max_context == 65536
@@ -22,14 +23,18 @@ def test_default_settings() -> None:
 
 @pytest.mark.parametrize(("prompt", "max_tokens", "factor"), [
     (100, None, 1.0),       # short: plain RoPE
-    (8000, None, 2.0),      # 8000 + the 512 reserve = 8512 > 8192
+    (8000, None, R2),       # 8000 + the 512 reserve = 8512 > 8192
     (8000, 100, 1.0),       # 8100 fits in L
     (8000, 192, 1.0),       # 8192 exactly: still s = 1
-    (8000, 193, 2.0),       # one token over L
+    (8000, 193, R2),        # one token over L
+    (11585, 0, R2),         # floor(8192 * sqrt 2) = 11585: the top of the first bucket past L
+    (11586, 0, 2.0),
     (12000, 256, 2.0),      # 12256 / 8192 = 1.5
     (16384, 0, 2.0),        # exactly 2 L
-    (16385, 0, 4.0),
-    (40000, 0, 8.0),        # 40000 / 8192 = 4.9
+    (16385, 0, 2 * R2),
+    (24576, 0, 4.0),        # 3 L: past 2.83 L
+    (40000, 0, 4 * R2),     # 40000 / 8192 = 4.9
+    (46341, 0, 8.0),        # past floor(8192 * 5.66) = 46340
     (65536, 0, 8.0),        # the served context
     (70000, 0, 8.0),        # past it: the largest bucket (admission rejects such a request elsewhere)
     (0, 0, 1.0),
@@ -44,7 +49,8 @@ def test_planned_length_uses_the_reserve_only_without_max_tokens() -> None:
     assert planned_length(8000, 100, DEFAULT) == 8100
 
 
-@pytest.mark.parametrize(("override", "factor"), [(1, 1.0), (1.5, 2.0), (2, 2.0), (3, 4.0), (4.0, 4.0), (8, 8.0)])
+@pytest.mark.parametrize(("override", "factor"), [(1, 1.0), (1.2, R2), (1.5, 2.0), (2, 2.0), (3, 4.0), (4.0, 4.0),
+                                                  (5, 4 * R2), (8, 8.0)])
 def test_override_rounds_up_to_a_bucket(override: float, factor: float) -> None:
     assert choose_factor(100, None, DEFAULT, override=override) == factor
 
@@ -60,7 +66,7 @@ def test_finetuned_factor_is_a_floor() -> None:
     assert choose_factor(100, None, tuned) == 2.0
     assert choose_factor(100, None, tuned, override=1) == 2.0
     assert choose_factor(12000, 256, tuned) == 2.0
-    assert choose_factor(20000, 0, tuned) == 4.0
+    assert choose_factor(20000, 0, tuned) == 2 * R2
     assert choose_factor(100, None, tuned, override=3) == 4.0
 
 
@@ -99,10 +105,12 @@ HEADROOM = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_fa
 
 @pytest.mark.parametrize(("prompt", "max_tokens", "factor"), [
     (8000, 192, 1.0),       # 8192 = L: at or below L headroom changes nothing (exact, scale 1)
-    (8000, 193, 2.0),       # 8193 x 1.25 = 10242 fits 2
+    (8000, 193, R2),        # 8193 x 1.25 = 10242 fits 1.41 (11585)
+    (9268, 0, R2),          # ceil(9268 x 1.25) = 11585 fits 1.41 exactly
+    (9269, 0, 2.0),         # 11587 does not
     (13107, 0, 2.0),        # ceil(13107 x 1.25) = 16384 fits 2 exactly
-    (13108, 0, 4.0),        # 16385 does not
-    (16384, 0, 4.0),        # the top of bucket 2 runs one bucket up
+    (13108, 0, 2 * R2),     # 16385 does not
+    (16384, 0, 2 * R2),     # the top of bucket 2 runs one bucket up
     (52428, 0, 8.0),
     (60000, 0, 8.0),        # nothing larger: the largest bucket
 ])

@@ -37,9 +37,9 @@ def test_row_layout() -> None:
 
 def test_bucket_tables_are_stacked_with_row_offsets() -> None:
     tables = build_bucket_tables(ROTARY, SCALING, rows_per_bucket=300)
-    assert tables.factors == (1.0, 2.0, 4.0, 8.0)
+    assert tables.factors == (1.0, 2 ** 0.5, 2.0, 2 ** 1.5, 4.0, 2 ** 2.5, 8.0)  # the default: sqrt(2) apart
     assert tables.rows_per_bucket == 300
-    assert tables.cos_sin_cache.shape == (4 * 300, 64)
+    assert tables.cos_sin_cache.shape == (7 * 300, 64)
     for k, s in enumerate(tables.factors):
         assert tables.bucket_index(s) == k
         assert tables.row_offset(s) == 300 * k
@@ -55,17 +55,17 @@ def test_bucket_tables_are_stacked_with_row_offsets() -> None:
 def test_default_rows_are_the_served_context_and_size_is_predicted() -> None:
     tables = build_bucket_tables(ROTARY, SCALING)
     assert tables.rows_per_bucket == SCALING.max_context == 2048
-    assert tables.nbytes == table_nbytes(ROTARY, SCALING) == 4 * 2048 * 64 * 4
+    assert tables.nbytes == table_nbytes(ROTARY, SCALING) == 7 * 2048 * 64 * 4
     half = build_bucket_tables(ROTARY, SCALING, rows_per_bucket=16, dtype=torch.bfloat16)
     assert half.cos_sin_cache.dtype == torch.bfloat16
-    assert table_nbytes(ROTARY, SCALING, torch.bfloat16) == 4 * 2048 * 64 * 2
+    assert table_nbytes(ROTARY, SCALING, torch.bfloat16) == 7 * 2048 * 64 * 2
 
 
 def test_buckets_differ_from_each_other() -> None:
     tables = build_bucket_tables(ROTARY, SCALING, rows_per_bucket=64)
-    blocks = tables.cos_sin_cache.view(4, 64, 64)
-    for a in range(4):
-        for b in range(a + 1, 4):
+    blocks = tables.cos_sin_cache.view(7, 64, 64)
+    for a in range(7):
+        for b in range(a + 1, 7):
             assert not torch.equal(blocks[a], blocks[b])
 
 
@@ -73,7 +73,7 @@ def test_unknown_bucket_is_rejected() -> None:
     tables = build_bucket_tables(ROTARY, SCALING, rows_per_bucket=4)
     with pytest.raises(RopeConfigError) as info:
         tables.row_offset(3.0)
-    assert info.value.field == "factor" and "[1.0, 2.0, 4.0, 8.0]" in str(info.value)
+    assert info.value.field == "factor" and "buckets: 1, 1.41421, 2, 2.82843, 4, 5.65685, 8" in str(info.value)
 
 
 @pytest.mark.parametrize("rows", [0, -1, 2.0, True])

@@ -116,9 +116,10 @@ def test_bad_buckets_are_rejected(buckets: tuple) -> None:
 
 def test_buckets_are_normalised_to_floats_and_default_to_powers_of_two() -> None:
     assert RopeScaling(max_factor=8, buckets=[1, 2, 8]).buckets == (1.0, 2.0, 8.0)
-    assert RopeScaling(max_factor=8.0).buckets == (1.0, 2.0, 4.0, 8.0)
-    assert RopeScaling(max_factor=6.0).buckets == (1.0, 2.0, 4.0, 6.0)
-    assert RopeScaling(max_factor=2.5).buckets == (1.0, 2.0, 2.5)
+    assert RopeScaling(max_factor=8.0).buckets == (1.0, 2 ** 0.5, 2.0, 2 ** 1.5, 4.0, 2 ** 2.5, 8.0)
+    assert RopeScaling(max_factor=6.0).buckets == (1.0, 2 ** 0.5, 2.0, 2 ** 1.5, 4.0, 2 ** 2.5, 6.0)
+    assert RopeScaling(max_factor=2.5).buckets == (1.0, 2 ** 0.5, 2.0, 2.5)
+    assert RopeScaling(max_factor=1.2).buckets == (1.0, 1.2)
     assert RopeScaling(max_factor=1.0).buckets == (1.0,)
 
 

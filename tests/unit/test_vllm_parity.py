@@ -90,14 +90,12 @@ def test_stacked_tables_hold_vllm_tables_at_their_offsets(vllm_rope: types.Simpl
     L, head, theta, rows = 1024, 64, 1e5, 4096
     scaling = RopeScaling(method="dynamic_yarn", original_max_position=L, max_factor=4.0)
     tables = build_bucket_tables(RotaryConfig(head, theta), scaling, rows_per_bucket=rows)
-    assert tables.factors == (1.0, 2.0, 4.0)
-    assert tables.cos_sin_cache.shape == (3 * rows, head)
-    assert [tables.row_offset(s) for s in tables.factors] == [0, rows, 2 * rows]
-    expected = {
-        1.0: vllm_plain_table(vllm_rope, head, theta, rows),
-        2.0: vllm_yarn_table(vllm_rope, head, theta, L, 2.0),  # 2048 rows; the bucket holds more
-        4.0: vllm_yarn_table(vllm_rope, head, theta, L, 4.0),
-    }
+    assert tables.factors == (1.0, 2 ** 0.5, 2.0, 2 ** 1.5, 4.0)  # the default buckets, sqrt(2) apart
+    assert tables.cos_sin_cache.shape == (5 * rows, head)
+    assert [tables.row_offset(s) for s in tables.factors] == [k * rows for k in range(5)]
+    expected = {1.0: vllm_plain_table(vllm_rope, head, theta, rows)}
+    for s in tables.factors[1:]:  # floor(L * s) rows (vLLM's table for that factor); the bucket holds more
+        expected[s] = vllm_yarn_table(vllm_rope, head, theta, L, s)
     for s, table in expected.items():
         start = tables.row_offset(s)
         assert torch.equal(tables.cos_sin_cache[start:start + table.shape[0]], table)
