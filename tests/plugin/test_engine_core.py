@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from rope_ext import default_buckets
+
 pytestmark = pytest.mark.engine
 
 CHILD = Path(__file__).with_name("engine_core_child.py")
@@ -48,7 +50,8 @@ def test_a_broken_hook_shows_in_the_counters_and_fails_the_gateways_check(model_
     from server.upstreams import rope_evidence
 
     out = _child(model_dir, "broken", tmp_path)
-    assert out["counters"]["scheduled"][1] == 1501 and out["counters"]["computed"][1] == 0
+    at_2 = default_buckets(4.0).index(2.0)  # the slot of factor 2 among the default buckets
+    assert out["counters"]["scheduled"][at_2] == 1501 and out["counters"]["computed"][at_2] == 0
     assert rope_evidence(out["metrics"]) == (1501, 0)
 
 
