@@ -10,7 +10,7 @@ standard library only, never vLLM or FastAPI::
     inv_freq, temperature = compute_frequencies("yarn", RotaryConfig(64, 1e5), scaling, s)
 """
 
-from rope_ext.config import RopeScaling, RotaryConfig, default_buckets
+from rope_ext.config import RopeScaling, RotaryConfig, default_buckets, format_factor
 from rope_ext.errors import RopeConfigError
 from rope_ext.methods import (
     METHODS,
@@ -38,6 +38,7 @@ __all__ = [
     "compute_frequencies",
     "cos_sin_rows",
     "default_buckets",
+    "format_factor",
     "find_correction_range",
     "get_mscale",
     "planned_length",

@@ -66,12 +66,19 @@ def default_buckets(max_factor: float) -> tuple[float, ...]:
     request fits the bucket between two powers."""
     buckets = [1.0]
     k = 1
-    while (step := 2 ** (k / 2) if k % 2 else float(2 ** (k // 2))) < max_factor:
+    while (step := 2 ** (k / 2)) < max_factor:  # 2 ** 1.0, 2 ** 2.0, ... are exact
         buckets.append(step)
         k += 1
     if buckets[-1] != max_factor:
         buckets.append(float(max_factor))
     return tuple(buckets)
+
+
+def format_factor(factor: float) -> str:
+    """A factor as text, exact and short: ``2.0`` -> ``"2"``, ``1.5`` -> ``"1.5"``, the bucket sqrt(2) ->
+    ``"1.4142135623730951"`` (the float itself: it reads back as the same bucket, e.g. as ``rope_factor``)."""
+    short = f"{factor:g}"
+    return short if float(short) == factor else repr(float(factor))
 
 
 @dataclasses.dataclass(frozen=True)

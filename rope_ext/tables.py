@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-from rope_ext.config import RopeScaling, RotaryConfig
+from rope_ext.config import RopeScaling, RotaryConfig, format_factor
 from rope_ext.errors import RopeConfigError
 from rope_ext.methods import RopeFrequencies, bucket_method, compute_frequencies, default
 
@@ -50,8 +50,8 @@ class BucketTables:
         try:
             return self.factors.index(float(factor))
         except ValueError:
-            raise RopeConfigError("factor", f"{factor:g} is not a bucket; buckets: "
-                                  f"{', '.join(f'{f:g}' for f in self.factors)}") from None
+            raise RopeConfigError("factor", f"{format_factor(factor)} is not a bucket; buckets: "
+                                  f"{', '.join(map(format_factor, self.factors))}") from None
 
     def row_offset(self, factor: float) -> int:
         """The row at which the table of bucket ``factor`` starts."""

@@ -25,8 +25,9 @@ from fastapi import FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
+from rope_ext import format_factor
 from server.errors import envelope, install_error_handlers
-from server.generation import CHAT, COMPLETIONS, FACTOR_HEADER, Generation, format_factor, unless_client_leaves
+from server.generation import CHAT, COMPLETIONS, FACTOR_HEADER, Generation, unless_client_leaves
 from server.metrics import CONTENT_TYPE, GatewayMetrics
 from server.middleware import (
     ApiKeyMiddleware,

@@ -37,7 +37,7 @@ import httpx
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from rope_ext import RopeConfigError, RopeScaling, validate_override
+from rope_ext import RopeConfigError, RopeScaling, format_factor, validate_override
 from server.admission import Admission, admit, final_factor, resolve_override
 from server.errors import (
     ClientClosedRequest,
@@ -60,13 +60,6 @@ FACTOR_HEADER = "x-rope-factor"
 FINAL_FACTOR_HEADER = "x-rope-factor-final"
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
-
-
-def format_factor(factor: float) -> str:
-    """The header value of a factor, exact and short: ``2.0`` -> ``"2"``, ``1.5`` -> ``"1.5"``, the bucket
-    sqrt(2) -> ``"1.4142135623730951"`` (the float itself, so a client can send it back as ``rope_factor``)."""
-    short = f"{factor:g}"
-    return short if float(short) == factor else repr(float(factor))
 
 
 class Generation:

@@ -96,7 +96,7 @@ def test_vllm_xargs_factor_counts_as_an_override() -> None:
 
 
 def test_the_factor_header_is_short_and_exact() -> None:
-    from server.generation import format_factor
+    from rope_ext import format_factor
 
     assert [format_factor(f) for f in (1.0, 2.0, 1.5, 8.0)] == ["1", "2", "1.5", "8"]
     assert all(float(format_factor(f)) == f for f in GROWING.buckets)  # sqrt(2) is not rounded to 1.41421

@@ -73,7 +73,7 @@ def test_unknown_bucket_is_rejected() -> None:
     tables = build_bucket_tables(ROTARY, SCALING, rows_per_bucket=4)
     with pytest.raises(RopeConfigError) as info:
         tables.row_offset(3.0)
-    assert info.value.field == "factor" and "buckets: 1, 1.41421, 2, 2.82843, 4, 5.65685, 8" in str(info.value)
+    assert info.value.field == "factor" and "3 is not a bucket; buckets: 1, 1.4142135623730951, 2, 2.8284271247461903, 4, 5.656854249492381, 8" in str(info.value)
 
 
 @pytest.mark.parametrize("rows", [0, -1, 2.0, True])
