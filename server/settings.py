@@ -94,14 +94,19 @@ class GatewaySettings(BaseSettings):
                              "picks a free one.")
     engine_python: str | None = Field(
         None, description="Python interpreter that runs the embedded engine. Default: the gateway's own.")
-    engine_dtype: str = Field("bfloat16", description="`--dtype` of the embedded engine.")
+    engine_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="`--dtype` of the embedded engine. `auto`: bfloat16 where the CPU has native "
+        "bfloat16 instructions (the `avx512_bf16` or `amx_bf16` flag in /proc/cpuinfo), float32 elsewhere, "
+        "where vLLM's CPU engine runs bfloat16 about 4x slower; `ropeserve serve` logs the choice. Any "
+        "other value is used as given.")
     engine_enforce_eager: bool = Field(
         False, description="Run the embedded engine in vLLM's eager mode (`--enforce-eager`). Default: vLLM's "
         "compiled mode, which on CPU starts about 90 s later and then decodes up to 1.8x faster (both are "
         "proven exact; docs/RESULTS.md).")
     engine_kvcache_gib: float = Field(
         4.0, gt=0, description="KV-cache size of the embedded CPU engine in GiB (VLLM_CPU_KVCACHE_SPACE). "
-        "One full 65536-token request of the default model needs about 1.5 GiB.")
+        "One full 65536-token request of the default model needs 1.4 GiB in bfloat16, 2.8 GiB in float32 "
+        "(server/cpu_dtype.py); the default holds it in either with room to spare.")
     engine_extra_args: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Extra command-line arguments for the embedded engine, as one "
         "shell-quoted string (e.g. `--max-num-seqs 4`).")

@@ -172,9 +172,9 @@ def test_engine_matches_the_gateway_settings(cpu_stack, gpu_stack, clean_env):
 
     settings = GatewaySettings()  # the defaults, which the stack's gateway runs with
     scaling = settings.rope_scaling()
-    for stack in (cpu_stack, gpu_stack):
+    for stack, entry in ((cpu_stack, "server.cpu_engine"), (gpu_stack, "vllm.entrypoints.openai.api_server")):
         engine = stack["services"]["engine"]
-        assert engine["command"][:3] == ["python", "-m", "vllm.entrypoints.openai.api_server"]
+        assert engine["command"][:3] == ["python", "-m", entry]
         flags = engine_flags(engine)
         assert json.loads(flags["hf-overrides"]) == hf_overrides(scaling, DEFAULT_ROPE_THETA)
         assert int(flags["max-model-len"]) == scaling.max_context
@@ -182,8 +182,25 @@ def test_engine_matches_the_gateway_settings(cpu_stack, gpu_stack, clean_env):
         assert flags["port"] == "8001" and flags["host"] == "0.0.0.0"
         assert "8001" in engine["healthcheck"]["test"][-1] and "/health" in engine["healthcheck"]["test"][-1]
     # vLLM's compiled mode, as the embedded engine runs (the faster mode on CPU; docs/RESULTS.md)
-    embedded = engine_command(settings, model_dir=Path("/m"), port=8001, rope_theta=DEFAULT_ROPE_THETA)
+    embedded = engine_command(settings, model_dir=Path("/m"), port=8001, rope_theta=DEFAULT_ROPE_THETA,
+                              dtype="float32")
     assert "--enforce-eager" not in cpu_stack["services"]["engine"]["command"] and "--enforce-eager" not in embedded
+
+
+def test_cpu_engine_dtype_by_capability(cpu_stack, gpu_stack, clean_env):
+    """The CPU engine's dtype is `auto`, resolved in the container by the CPU's flags (server/cpu_engine.py,
+    the embedded engine's rule), and its default KV cache holds one full request even in float32; the GPU
+    engine keeps vLLM's own default dtype."""
+    from server.cpu_dtype import kvcache_gib_needed
+    from server.cpu_engine import split_dtype
+    from server.settings import GatewaySettings
+
+    cpu_engine = cpu_stack["services"]["engine"]
+    assert engine_flags(cpu_engine)["dtype"] == GatewaySettings().engine_dtype == "auto"
+    assert split_dtype(cpu_engine["command"][3:])[0] == "auto"
+    full = kvcache_gib_needed(GatewaySettings().rope_scaling().max_context, "float32")
+    assert float(cpu_engine["environment"]["VLLM_CPU_KVCACHE_SPACE"]) >= full
+    assert "dtype" not in engine_flags(gpu_stack["services"]["engine"])
 
 
 def test_gateway_wiring(cpu_stack):

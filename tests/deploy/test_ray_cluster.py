@@ -178,7 +178,7 @@ def test_vllm_ray_executor_on_cpu_is_refused(ray_cluster, model_dir, clean_env, 
     settings = GatewaySettings(engine_enforce_eager=True, engine_dtype="float32", engine_kvcache_gib=1)
     port = free_port()
     command = engine_command(settings, model_dir=Path(model_dir), port=port,
-                             rope_theta=read_rope_theta(Path(model_dir)))
+                             rope_theta=read_rope_theta(Path(model_dir)), dtype=settings.engine_dtype)
     command += ["--distributed-executor-backend", "ray", "--pipeline-parallel-size", "2"]
     env = engine_env(settings) | {"RAY_ADDRESS": ray_cluster.address, "VLLM_PLUGINS": "ropeserve",
                                   "VLLM_USE_RAY_V2_EXECUTOR_BACKEND": v2, "HF_HUB_OFFLINE": "1",

@@ -1,10 +1,11 @@
 """The embedded engine: the command built from the settings (never run here: no real vLLM in this suite),
-and the process supervision (start, readiness, restart with backoff, stopping the whole process group),
-exercised with a stand-in engine process (tests/server/tiny_engine.py)."""
+its dtype chosen by the CPU's flags and logged, and the process supervision (start, readiness, restart with
+backoff, stopping the whole process group), exercised with a stand-in engine process (tests/server/tiny_engine.py)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from server.cpu_dtype import kvcache_gib_needed
 from server.engine_process import (
     EngineProcess,
     EngineStartError,
@@ -28,6 +30,8 @@ from tests.server.helpers import alive, group_members, wait_until
 pytestmark = pytest.mark.anyio
 
 TINY = str(Path(__file__).with_name("tiny_engine.py"))
+AVX2_ONLY = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"})  # no native bfloat16
+SAPPHIRE_RAPIDS = AVX2_ONLY | {"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}
 
 CONTRACT = [
     sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", "/models/smol", "--host",
@@ -39,16 +43,17 @@ CONTRACT = [
 
 
 def test_default_command_is_the_engine_contract() -> None:
-    command = engine_command(GatewaySettings(), model_dir=Path("/models/smol"), port=8123, rope_theta=100000)
+    command = engine_command(GatewaySettings(), model_dir=Path("/models/smol"), port=8123, rope_theta=100000,
+                             dtype="bfloat16")
     assert command == CONTRACT
 
 
 def test_command_follows_the_settings() -> None:
     settings = GatewaySettings(rope_original_max_position=4096, rope_max_factor=4, rope_buckets="1,1.5,4",
                                rope_finetuned_factor=1.5, rope_generation_reserve=128, served_model_name="m",
-                               engine_dtype="float32", engine_python="/opt/py", engine_enforce_eager=True,
+                               engine_python="/opt/py", engine_enforce_eager=True,
                                rope_headroom=1.25, engine_extra_args="--max-num-seqs 2 --seed 7")
-    command = engine_command(settings, model_dir=Path("/m"), port=9, rope_theta=500000.0)
+    command = engine_command(settings, model_dir=Path("/m"), port=9, rope_theta=500000.0, dtype="float32")
     assert command[0] == "/opt/py" and command[-4:] == ["--max-num-seqs", "2", "--seed", "7"]
     assert command[command.index("--max-model-len") + 1] == "16384"
     assert command[command.index("--dtype") + 1] == "float32" and "--enforce-eager" in command
@@ -82,10 +87,43 @@ def test_rope_theta_from_the_model_config(tmp_path: Path) -> None:
 
 async def test_embedded_engine_from_settings(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"rope_parameters": {"rope_theta": 100000.0}}))
-    engine = await embedded_engine(GatewaySettings(model_dir=tmp_path, engine_port=8123, engine_kvcache_gib=3))
+    engine = await embedded_engine(GatewaySettings(model_dir=tmp_path, engine_port=8123, engine_kvcache_gib=3),
+                                   cpu_flags=lambda: SAPPHIRE_RAPIDS)
     assert engine.url == "http://127.0.0.1:8123"
     assert engine.command == [*CONTRACT[:4], str(tmp_path), *CONTRACT[5:]]
     assert engine.env["VLLM_CPU_KVCACHE_SPACE"] == "3" and not engine.running
+
+
+async def test_avx2_only_cpu_runs_float32_and_says_why(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"rope_theta": 100000.0}))
+    settings = GatewaySettings(model_dir=tmp_path)
+    with caplog.at_level(logging.INFO, logger="server.engine_process"):
+        engine = await embedded_engine(settings, cpu_flags=lambda: AVX2_ONLY)
+    assert engine.command[engine.command.index("--dtype") + 1] == "float32"
+    assert "dtype float32: this CPU has no native bfloat16 (no avx512_bf16/amx_bf16 flag); set --engine-dtype " \
+        "to override" in caplog.messages
+    # float32 doubles the KV cache per token; the default still holds one full request of the default model
+    kvcache = float(engine.env["VLLM_CPU_KVCACHE_SPACE"])
+    assert kvcache == settings.engine_kvcache_gib >= kvcache_gib_needed(settings.rope_scaling().max_context, "float32")
+
+
+@pytest.mark.parametrize(("flags", "chosen"), [(AVX2_ONLY, "float32"), (SAPPHIRE_RAPIDS, "bfloat16")])
+async def test_embedded_engine_dtype_follows_the_cpu(tmp_path: Path, flags: frozenset[str], chosen: str) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"rope_theta": 100000.0}))
+    engine = await embedded_engine(GatewaySettings(model_dir=tmp_path), cpu_flags=lambda: flags)
+    assert engine.command[engine.command.index("--dtype") + 1] == chosen
+
+
+@pytest.mark.parametrize("flags", [AVX2_ONLY, SAPPHIRE_RAPIDS])
+@pytest.mark.parametrize("explicit", ["bfloat16", "float32"])
+async def test_an_explicit_engine_dtype_wins(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                             flags: frozenset[str], explicit: str) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"rope_theta": 100000.0}))
+    settings = GatewaySettings(model_dir=tmp_path, engine_dtype=explicit)
+    with caplog.at_level(logging.INFO, logger="server.engine_process"):
+        engine = await embedded_engine(settings, cpu_flags=lambda: flags)
+    assert engine.command[engine.command.index("--dtype") + 1] == explicit
+    assert f"dtype {explicit}: set explicitly (--engine-dtype)" in caplog.messages
 
 
 def test_engine_env() -> None:
