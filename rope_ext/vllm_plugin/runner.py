@@ -2,9 +2,10 @@
 
 The scheduler decides every request's factor and tells the workers in ``scheduler_output.ropeserve``
 (:mod:`.scheduler`); :class:`RunnerRope` keeps what it was told (request id -> bucket index) until the
-request finishes. vLLM's V1 ``GPUModelRunner._prepare_inputs`` (``CPUModelRunner`` subclasses it) lays the
-scheduled tokens out request by request in ``input_batch`` order; after it runs, :meth:`RunnerRope.fill`
-writes ``np.repeat(row_offset_per_request, num_scheduled_tokens)`` into the one offsets buffer every
+request finishes. Every model runner the plugin supports has one method that lays the scheduled tokens
+out request by request in batch order (V1's ``_prepare_inputs``, V2's and the standalone CPU runner's
+``prepare_inputs``; which runners a vLLM version has is its adapter's business, :mod:`.versions`, each a
+:class:`RunnerHook`); after it runs, :meth:`RunnerRope.fill` writes ``np.repeat(row_offset_per_request, num_scheduled_tokens)`` into the one offsets buffer every
 :class:`PerRequestRotaryEmbedding` of the model reads. No Python code runs per request: the per-request
 lookup is ``np.fromiter(map(dict.__getitem__, req_ids))``, the rest is numpy. On a device the offsets
 are staged in pinned memory and copied without blocking, as vLLM stages its own inputs. Every prefill
@@ -18,12 +19,17 @@ cached keys of those requests are converted to their new scale (:mod:`.regrow`).
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import logging
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from rope_ext.vllm_plugin import stats
+from rope_ext.vllm_plugin.compat import Internal
 from rope_ext.vllm_plugin.rotary import PerRequestRotaryEmbedding
 
 logger = logging.getLogger("vllm.ropeserve")
@@ -65,8 +71,7 @@ class RunnerRope:
         if step is None:
             raise MissingFactorError("the scheduler output carries no ropeserve factors: the plugin's scheduler hook "
                                      "is not in effect, and this step's scale is unknown")
-        for req_id in scheduler_output.finished_req_ids:
-            self.bucket_of.pop(req_id, None)
+        self.forget(scheduler_output.finished_req_ids)
         index = self.scaling.buckets.index
         for req_id, factor in step.factors.items():
             self.bucket_of[req_id] = index(factor)
@@ -76,6 +81,11 @@ class RunnerRope:
             if self.regrower is None:
                 self.regrower = Regrower.discover(runner, self.modules[0])
             self.regrower.apply(runner, step.rerotate)
+
+    def forget(self, finished_req_ids) -> None:
+        """Drop finished requests (every step, the ones without tokens included)."""
+        for req_id in finished_req_ids:
+            self.bucket_of.pop(req_id, None)
 
     def fill(self, req_ids: list[str], num_scheduled_tokens: np.ndarray, num_computed_tokens: np.ndarray) -> None:
         """Write the row offset of every scheduled token (requests in batch order) and count them, and
@@ -104,22 +114,92 @@ def runner_state(runner) -> RunnerRope | None:
     return runner.__dict__.get("_ropeserve")
 
 
-def patch_model_runner() -> None:
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+Batch = tuple[Sequence[str], np.ndarray, np.ndarray]
 
-    original = GPUModelRunner._prepare_inputs
+
+@dataclasses.dataclass(frozen=True)
+class RunnerHook:
+    """A model runner class and its method that lays out a step's tokens (``method(scheduler_output, ...)``).
+
+    ``batch(runner, args, result)`` reads the step's batch from the method's positional arguments
+    (``scheduler_output`` first) and its result: the requests in batch order, their scheduled token counts,
+    and the tokens each had computed before the step. ``rerotate``: growth by re-rotation (:mod:`.regrow`)
+    can read this runner's request states."""
+
+    target: str  # "module:Class"
+    method: str
+    batch: Callable[[Any, tuple, Any], Batch]
+    rerotate: bool = False
+
+    def runner_class(self) -> type:
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def hooked(self, runner) -> bool:
+        """``runner`` is this hook's class (or a subclass) and runs the plugin's hooks, not overrides of them."""
+        cls = type(runner)
+        return (issubclass(cls, self.runner_class())
+                and all(getattr(getattr(cls, name), "_ropeserve", False) for name in (self.method, "execute_model")))
+
+
+def read_input_batch(runner, args, input_batch) -> Batch:
+    """The batch of a V2-style ``prepare_inputs``: the ``InputBatch`` it returns."""
+    return input_batch.req_ids, input_batch.num_scheduled_tokens, input_batch.num_computed_tokens_np
+
+
+# The V2 model runner, the same in vLLM 0.32.0 to 0.34.0 (its CPU subclass inherits the hook). Not run on
+# the CPU test bed (it needs Triton with a GPU or CPU backend): unit-tested against its real InputBatch.
+V2_RUNNER = RunnerHook("vllm.v1.worker.gpu.model_runner:GPUModelRunner", "prepare_inputs", read_input_batch)
+V2_INTERNALS: tuple[Internal, ...] = (
+    Internal("vllm.v1.worker.gpu.model_runner:GPUModelRunner.prepare_inputs", "patched: the per-token offsets",
+             params=("scheduler_output", "batch_req_state", "batch_desc", "num_active_loras")),
+    Internal("vllm.v1.worker.gpu.model_runner:GPUModelRunner.execute_model",
+             "patched: a step without tokens still ends its finished requests", params=("scheduler_output",)),
+    Internal("vllm.v1.worker.gpu.model_runner:GPUModelRunner.get_model", "the rotary modules", params=()),
+    Internal("vllm.v1.worker.gpu.model_runner:GPUModelRunner.__init__", "the device", attrs=("device",)),
+    Internal("vllm.v1.worker.gpu.input_batch:InputBatch", "the step's requests, counts and computed tokens",
+             fields=("req_ids", "num_scheduled_tokens", "num_computed_tokens_np")),
+)
+
+
+def patch_model_runners(hooks: Sequence[RunnerHook]) -> None:
+    """Install, on each runner class, the offsets after its layout method and the finished requests' end
+    at the start of every step (a step with no scheduled tokens never reaches the layout method)."""
+    for hook in hooks:
+        cls = hook.runner_class()
+        _wrap_layout(cls, hook)
+        _wrap_execute_model(cls)
+
+
+def _wrap_layout(cls: type, hook: RunnerHook) -> None:
+    original = cls.__dict__[hook.method]
     if getattr(original, "_ropeserve", False):
         return
 
-    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
-        result = original(self, scheduler_output, num_scheduled_tokens)
+    def layout(self, *args):
+        result = original(self, *args)
         state = runner_state(self)
         if state is not None:
-            state.apply(self, scheduler_output)
-            batch = self.input_batch
-            state.fill(batch.req_ids[: batch.num_reqs], num_scheduled_tokens, batch.num_computed_tokens_cpu)
+            state.apply(self, args[0])
+            state.fill(*hook.batch(self, args, result))
         return result
 
-    _prepare_inputs._ropeserve = True
-    _prepare_inputs.__wrapped__ = original
-    GPUModelRunner._prepare_inputs = _prepare_inputs
+    layout._ropeserve = True
+    layout.__wrapped__ = original
+    setattr(cls, hook.method, layout)
+
+
+def _wrap_execute_model(cls: type) -> None:
+    original = cls.__dict__["execute_model"]
+    if getattr(original, "_ropeserve", False):
+        return
+
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        state = runner_state(self)
+        if state is not None and not scheduler_output.total_num_scheduled_tokens:
+            state.forget(scheduler_output.finished_req_ids)
+        return original(self, scheduler_output, *args, **kwargs)
+
+    execute_model._ropeserve = True
+    execute_model.__wrapped__ = original
+    cls.execute_model = execute_model

@@ -13,11 +13,13 @@ Exported on vLLM's ``/metrics`` (all labelled by bucket factor where it applies)
     ropeserve_engine_rope_factor                      histogram: requests by the factor they started at
     ropeserve_engine_rope_grown_total{factor}         requests that moved to a larger bucket, by new factor
     ropeserve_engine_rope_bucket_overflow_total       requests pinned by an override that ran past their bucket
+                                                      (none: a pinned request must fit its bucket)
     ropeserve_engine_rope_scheduled_tokens_total{factor}  tokens the scheduler scheduled at each factor
     ropeserve_engine_rope_tokens_total{factor}        tokens whose rotary offsets the workers wrote at each
                                                       factor: the proof that scaling is applied
     ropeserve_engine_rope_tokens_past_capacity_total{factor}  of those, tokens at positions past their bucket's
-                                                      capacity L * s: zero unless an override pinned a request
+                                                      capacity L * s: zero unless ``growth="reserve"`` let a
+                                                      request without max_tokens run past its bucket
 
 A dynamic model whose scheduler reports scaled tokens but whose workers report none is computing plain
 RoPE: the gateway's health check takes such an engine out of rotation (``server/upstreams.py``).
@@ -142,7 +144,7 @@ class RopeCollector:
                 (COMPUTED, "ropeserve_engine_rope_tokens",
                  "Tokens whose rotary offsets the workers wrote at each factor."),
                 (PAST, "ropeserve_engine_rope_tokens_past_capacity",
-                 "Tokens computed at positions past their bucket's capacity (requests pinned by an override).")):
+                 "Tokens computed at positions past their bucket's capacity (growth=reserve, no max_tokens).")):
             family = CounterMetricFamily(name, help_text, labels=["factor"])
             for label, value in zip(labels, totals[kind][:n]):
                 family.add_metric([label], float(value))

@@ -1,9 +1,9 @@
 """The start-up checks (rope_ext.vllm_plugin.checks), one test per set-up the plugin refuses.
 
 The worker stands in as the attributes the check reads (its runner, the vLLM config), built around real
-vLLM classes where the check asks "is it this class" (the V1 runner, rotary modules). Several of these
-set-ups cannot start on the CPU test bed at all (the V2 runner needs Triton, vLLM turns dual-batch
-overlap off on CPU), so the checks are exercised here; tests/plugin/test_engine_architectures.py starts a
+vLLM classes where the check asks "is it this class" (each runner the installed vLLM's adapter hooks,
+rotary modules). Several of these set-ups cannot start on the CPU test bed at all (the V2 runner needs
+Triton, vLLM turns dual-batch overlap off on CPU), so the checks are exercised here; tests/plugin/test_engine_architectures.py starts a
 real engine that is refused for its architecture.
 """
 
@@ -45,22 +45,26 @@ class Model(torch.nn.Module):
         self.layers = torch.nn.ModuleList(modules)
 
 
-def _runner(model, cls=None, device="cpu"):
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+def _hooks():
+    from rope_ext.vllm_plugin.versions import adapter
 
-    runner = object.__new__(cls or GPUModelRunner)
+    return adapter().RUNNERS
+
+
+def _runner(model, cls=None, device="cpu"):
+    runner = object.__new__(cls or _hooks()[0].runner_class())
     runner.model = model
     runner.device = torch.device(device)
     runner.get_model = lambda: model
     return runner
 
 
-def _worker(runner, *, architectures=("LlamaForCausalLM",), growth=None, dbo=False, spec=None):
+def _worker(runner, *, architectures=("LlamaForCausalLM",), growth=None, ubatching=False, spec=None):
     params = {**DYNAMIC, **({"growth": growth} if growth else {})}
     text = types.SimpleNamespace(rope_parameters=params, max_position_embeddings=L)
     config = types.SimpleNamespace(
         model_config=types.SimpleNamespace(hf_text_config=text, architectures=list(architectures), max_model_len=4 * L),
-        parallel_config=types.SimpleNamespace(enable_dbo=dbo), speculative_config=spec)
+        parallel_config=types.SimpleNamespace(use_ubatching=ubatching), speculative_config=spec)
     return types.SimpleNamespace(model_runner=runner, vllm_config=config)
 
 
@@ -81,24 +85,30 @@ def test_a_supported_set_up_starts_and_its_modules_share_one_offsets_buffer():
     assert ours_a.token_offsets is ours_b.token_offsets is runner._ropeserve.buffer
 
 
-def test_the_v2_model_runner_is_refused():
-    class V2Runner:
+@pytest.mark.parametrize("index", [0, 1], ids=["first", "second"])
+def test_every_runner_the_adapter_hooks_starts(index):
+    hook = _hooks()[index]
+    runner = _runner(Model(_rotary()), hook.runner_class())
+    _check(_worker(runner))
+    assert runner.__dict__["_ropeserve"].modules
+
+
+def test_a_runner_the_adapter_does_not_hook_is_refused_naming_the_setting():
+    class OtherRunner:
         pass
 
     runner = _runner(Model(_rotary()))
-    runner.__class__ = V2Runner
-    with pytest.raises(Exception, match="VLLM_USE_V2_MODEL_RUNNER=0"):
+    runner.__class__ = OtherRunner
+    with pytest.raises(Exception, match="OtherRunner.*Unset VLLM_USE_V2_MODEL_RUNNER"):
         _check(_worker(runner))
 
 
-def test_a_runner_that_overrides_the_hook_is_refused():
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    class Custom(GPUModelRunner):
-        def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
-            raise AssertionError("never called")
-
-    with pytest.raises(Exception, match="overrides _prepare_inputs"):
+@pytest.mark.parametrize("which", ["layout", "execute_model"])
+def test_a_runner_that_overrides_a_hook_is_refused(which):
+    hook = _hooks()[0]
+    name = hook.method if which == "layout" else "execute_model"
+    Custom = type("Custom", (hook.runner_class(),), {name: lambda self, *args: None})
+    with pytest.raises(Exception, match=f"Custom overrides {hook.method} or execute_model"):
         _check(_worker(_runner(Model(_rotary()), Custom)))
 
 
@@ -112,9 +122,17 @@ def test_an_unproven_architecture_is_refused_unless_named(monkeypatch, caplog):
     assert "no fidelity test covers" in caplog.text
 
 
-def test_dual_batch_overlap_is_refused():
-    with pytest.raises(Exception, match="--enable-dbo"):
-        _check(_worker(_runner(Model(_rotary())), dbo=True))
+def test_micro_batching_is_refused():
+    """vLLM's use_ubatching: --enable-dbo, or --ubatch-size above 1 without it."""
+    with pytest.raises(Exception, match="micro-batching.*--enable-dbo.*--ubatch-size"):
+        _check(_worker(_runner(Model(_rotary())), ubatching=True))
+
+
+def test_use_ubatching_is_true_for_a_ubatch_size_above_one_alone():
+    from vllm.config import ParallelConfig
+
+    assert ParallelConfig(ubatch_size=2).use_ubatching
+    assert not ParallelConfig(ubatch_size=1).use_ubatching
 
 
 def test_a_drafter_with_a_model_is_refused_and_ngram_is_not():
@@ -123,9 +141,17 @@ def test_a_drafter_with_a_model_is_refused_and_ngram_is_not():
     _check(_worker(_runner(Model(_rotary())), spec=types.SimpleNamespace(method="ngram")))
 
 
-def test_rerotate_off_cpu_is_refused_at_start_up():
+def test_rerotate_off_cpu_or_off_the_v1_runner_is_refused_at_start_up():
+    hooks = _hooks()
     with pytest.raises(Exception, match="'rerotate'.*cuda.*'recompute'"):
         _check(_worker(_runner(Model(_rotary()), device="cuda"), growth="rerotate"))
+    for hook in hooks:
+        worker = _worker(_runner(Model(_rotary()), hook.runner_class()), growth="rerotate")
+        if hook.rerotate:
+            _check(worker)
+        else:
+            with pytest.raises(Exception, match=f"'rerotate'.*{hook.runner_class().__qualname__} on cpu"):
+                _check(worker)
 
 
 def test_a_rotary_module_built_around_get_rope_is_refused():
@@ -140,6 +166,26 @@ def test_a_dynamic_model_without_a_per_request_module_is_refused():
     plain = _rotary({"rope_type": "default", "rope_theta": 10000.0})
     with pytest.raises(Exception, match="none of its rotary embeddings"):
         _check(_worker(_runner(Model(plain))))
+
+
+def test_the_switch_on_a_model_the_plugin_cannot_serve_is_refused(monkeypatch):
+    """ROPESERVE_DYNAMIC_ROPE=1 on a longrope (Phi-3.5) or plain model: never a silently static engine."""
+    monkeypatch.setenv("ROPESERVE_DYNAMIC_ROPE", "1")
+    worker = _worker(_runner(Model()))
+    worker.vllm_config.model_config.hf_text_config.rope_parameters = {"rope_type": "longrope", "rope_theta": 1e4}
+    with pytest.raises(Exception, match="ROPESERVE_DYNAMIC_ROPE=1 is set.*longrope.*Unset ROPESERVE_DYNAMIC_ROPE"):
+        _check(worker)
+
+
+def test_the_switch_on_an_mrope_model_is_refused_when_its_layers_are_built(monkeypatch):
+    """Qwen3-VL / Qwen3.5: interleaved mRoPE with yarn is not served per request yet: refused, not static."""
+    monkeypatch.setenv("ROPESERVE_DYNAMIC_ROPE", "1")
+    params = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": L,
+              "mrope_section": [12, 10, 10], "mrope_interleaved": True}
+    with pytest.raises(Exception, match="mrope_section.*mRoPE.*not served per request"):
+        _rotary(params)
+    monkeypatch.delenv("ROPESERVE_DYNAMIC_ROPE")
+    assert type(_rotary(params)).__name__ != "PerRequestRotaryEmbedding"  # without the switch: vLLM's own
 
 
 def test_a_model_that_is_not_dynamic_is_left_alone():

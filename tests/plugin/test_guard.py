@@ -1,8 +1,10 @@
 """The guard: the plugin refuses, loudly, a vLLM whose internals differ from the ones it touches.
 
-Every internal the plugin patches or reads is listed once, in ``rope_ext.vllm_plugin.compat.INTERNALS``;
-here each is checked against the installed vLLM, a change to any kind of entry (version, signature,
-field, attribute) is refused, and every vLLM attribute the plugin patches is on the list.
+Every internal the plugin patches or reads is listed once: the shared ones in
+``rope_ext.vllm_plugin.compat.SHARED_INTERNALS``, each version's in its adapter (``.versions``). Here each
+is checked against the installed vLLM (this module runs on every supported vLLM the set-up installs), a
+change to any kind of entry (signature, field, attribute) is refused, and every vLLM attribute the plugin
+patches is on the list.
 """
 
 from __future__ import annotations
@@ -11,19 +13,16 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from rope_ext.vllm_plugin.compat import (  # noqa: E402
-    INTERNALS,
-    PINNED_VLLM_VERSION,
-    IncompatibleVllmError,
-    check,
-    check_internals,
-)
+from rope_ext.vllm_plugin.compat import IncompatibleVllmError, check, check_internals, internals  # noqa: E402
+from rope_ext.vllm_plugin.versions import SUPPORTED_VERSIONS, adapter, installed_version  # noqa: E402
+
+INTERNALS = internals()
 
 
-def test_installed_vllm_is_the_pinned_one():
-    import vllm
-
-    assert vllm.__version__ == PINNED_VLLM_VERSION
+def test_installed_vllm_is_supported_with_the_adapter_read_from_its_source():
+    version_adapter = adapter()
+    assert installed_version() in SUPPORTED_VERSIONS
+    assert installed_version() in version_adapter.VERSIONS
     check_internals()
 
 
@@ -33,10 +32,9 @@ def test_each_internal_is_as_the_plugin_expects(internal):
 
 
 def test_a_changed_signature_is_refused(monkeypatch):
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    monkeypatch.setattr(GPUModelRunner, "_prepare_inputs", lambda self, scheduler_output: None)
-    with pytest.raises(IncompatibleVllmError, match="_prepare_inputs"):
+    hook = adapter().RUNNERS[0]
+    monkeypatch.setattr(hook.runner_class(), hook.method, lambda self: None)
+    with pytest.raises(IncompatibleVllmError, match=hook.method):
         check_internals()
 
 
@@ -60,8 +58,8 @@ def test_a_missing_function_is_refused(monkeypatch):
 def test_a_different_version_is_refused(monkeypatch):
     import vllm
 
-    monkeypatch.setattr(vllm, "__version__", "0.33.0")
-    with pytest.raises(IncompatibleVllmError, match="version 0.33.0"):
+    monkeypatch.setattr(vllm, "__version__", "0.31.0")
+    with pytest.raises(IncompatibleVllmError, match="version 0.31.0"):
         check_internals()
 
 
@@ -73,7 +71,7 @@ PATCHED = {
     "vllm.v1.core.sched.scheduler:Scheduler.schedule",
     "vllm.v1.core.sched.scheduler:Scheduler.add_request",
     "vllm.v1.worker.gpu_worker:Worker.load_model",
-    "vllm.v1.worker.gpu_model_runner:GPUModelRunner._prepare_inputs",
+    *(f"{hook.target}.{name}" for hook in adapter().RUNNERS for name in (hook.method, "execute_model")),
 }
 
 
