@@ -1,17 +1,19 @@
 """Benchmark: the cliff past L, teacher-forced, by position band: what growing buys over overflowing.
 
-A request that generates past its bucket's capacity and keeps its scale (an override pins it, or
-``growth="reserve"`` with a small ``max_tokens``) computes its tokens past L with plain RoPE. Greedy
-generation of the default model loops with or without growth, so this is measured teacher-forced: the
-perplexity of book text (``--length`` tokens, default 2 L, from each of the two books at each offset) by
-position band past L (L..1.25L, 1.25L..1.5L, 1.5L..1.75L, 1.75L..2L), computed three ways by the plugin
-engine (bf16, prefix caching off, the default model):
+A request that generates past its bucket's capacity and keeps its scale (``growth="reserve"`` without
+``max_tokens``; a request pinned by an override did, until such requests were refused or capped at their
+bucket) computes its tokens past L with plain RoPE. Greedy generation of the default model loops with or
+without growth, so this is measured teacher-forced: the perplexity of book text (``--length`` tokens,
+default 2 L, from each of the two books at each offset) by position band past L (L..1.25L, 1.25L..1.5L,
+1.5L..1.75L, 1.75L..2L), computed three ways (bf16, prefix caching off, the default model):
 
-- ``overflow``: pinned at factor 1 (``rope_factor: 1``): plain RoPE past L, as an overflowing request;
-- ``default``: as the default growth computes it (no override): a request is computed again at the next
-  bucket when it crosses L, so every token past L is computed at factor 2 from a fresh prefill: for a
-  prompt past L that is what the engine admits it at;
-- ``fresh x2``: one fresh request at factor 2 (``rope_factor: 2``).
+- ``overflow``: plain RoPE past L, as an overflowing request computes it: stock vLLM without scaling,
+  its context raised to the document's length (the plugin's bucket 1 is the same plain RoPE table, and it
+  no longer lets a request pinned at factor 1 run past L);
+- ``default``: as the default growth computes it (the plugin engine, no override): a request is computed
+  again at the next bucket when it crosses L, so every token past L is computed at factor 2 from a fresh
+  prefill: for a prompt past L that is what the engine admits it at;
+- ``fresh x2``: one fresh request at factor 2 on the plugin engine (``rope_factor: 2``).
 
 ``default`` and ``fresh x2`` are the same computation (the script says whether they are bit for bit);
 ``overflow`` is the price of not growing::
@@ -37,7 +39,8 @@ from server.offline import EngineSpec, Request, run_offline  # noqa: E402
 L, MAX_FACTOR, THETA = 8192, 8.0, 100000.0
 PLUGIN = {"rope_parameters": {"rope_type": "dynamic_yarn", "rope_theta": THETA, "factor": MAX_FACTOR,
                               "original_max_position_embeddings": L}}
-WAYS = {"overflow": {"rope_factor": 1}, "default": None, "fresh x2": {"rope_factor": 2}}
+PLUGIN_WAYS = {"default": None, "fresh x2": {"rope_factor": 2}}  # extra_args on the plugin engine
+WAYS = ("overflow", *PLUGIN_WAYS)  # "overflow": the stock engine
 
 
 def bands(length: int) -> list[tuple[int, int]]:
@@ -70,16 +73,23 @@ def main() -> None:
     documents = [(book, offset, truncated_document(tokenizer(read_book(book), add_special_tokens=False).input_ids,
                                                    args.length + 1, tokenizer.bos_token_id, offset=offset))
                  for book in args.books for offset in args.offsets]
-    batches = [[Request(prompt_token_ids=ids, max_tokens=1, logprobs=None, prompt_logprobs=0, extra_args=extra)]
-               for _, _, ids in documents for extra in WAYS.values()]
-    spec = EngineSpec(model=model, dtype="bfloat16", max_model_len=int(L * MAX_FACTOR), hf_overrides=PLUGIN,
-                      enable_prefix_caching=False, kv_cache_gib=2,
-                      env={"VLLM_CPU_OMP_THREADS_BIND": args.cpu_bind} if args.cpu_bind else {})
-    results = run_offline(spec, batches, timeout=14400)
+    def scored(ids: list[int], extra: dict | None = None) -> list[Request]:
+        return [Request(prompt_token_ids=ids, max_tokens=1, logprobs=None, prompt_logprobs=0, extra_args=extra)]
+
+    env = {"VLLM_CPU_OMP_THREADS_BIND": args.cpu_bind} if args.cpu_bind else {}
+    plugin = EngineSpec(model=model, dtype="bfloat16", max_model_len=int(L * MAX_FACTOR), hf_overrides=PLUGIN,
+                        enable_prefix_caching=False, kv_cache_gib=2, env=env)
+    stock = EngineSpec(model=model, dtype="bfloat16", max_model_len=args.length + 1,
+                       hf_overrides={"max_position_embeddings": args.length + 1}, enable_prefix_caching=False,
+                       kv_cache_gib=2, env=env)
+    results = run_offline(plugin, [scored(ids, extra) for _, _, ids in documents for extra in PLUGIN_WAYS.values()],
+                          timeout=14400)
+    plain = run_offline(stock, [scored(ids) for _, _, ids in documents], timeout=14400)
     table = {way: [[] for _ in bands(args.length)] for way in WAYS}
     identical = []
     for d, (book, offset, _) in enumerate(documents):
-        per_way = {way: results[d * len(WAYS) + w][0].prompt_logprobs for w, way in enumerate(WAYS)}
+        per_way = {"overflow": plain[d][0].prompt_logprobs,
+                   **{way: results[d * len(PLUGIN_WAYS) + w][0].prompt_logprobs for w, way in enumerate(PLUGIN_WAYS)}}
         identical.append(per_way["default"] == per_way["fresh x2"])
         for way, logprobs in per_way.items():
             for b, band in enumerate(bands(args.length)):

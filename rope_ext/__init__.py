@@ -11,7 +11,7 @@ standard library only, never vLLM or FastAPI::
 """
 
 from rope_ext.config import RopeScaling, RotaryConfig, default_buckets, format_factor
-from rope_ext.errors import RopeConfigError
+from rope_ext.errors import CapacityExceededError, RopeConfigError
 from rope_ext.methods import (
     METHODS,
     RopeFrequencies,
@@ -21,12 +21,13 @@ from rope_ext.methods import (
     get_mscale,
     yarn_attention_factor,
 )
-from rope_ext.policy import choose_factor, planned_length, validate_override
+from rope_ext.policy import choose_factor, pinned_max_tokens, planned_length, validate_override
 from rope_ext.tables import BucketTables, bucket_frequencies, build_bucket_tables, cos_sin_rows, table_nbytes
 
 __all__ = [
     "METHODS",
     "BucketTables",
+    "CapacityExceededError",
     "RopeConfigError",
     "RopeFrequencies",
     "RopeScaling",
@@ -41,6 +42,7 @@ __all__ = [
     "format_factor",
     "find_correction_range",
     "get_mscale",
+    "pinned_max_tokens",
     "planned_length",
     "table_nbytes",
     "validate_override",

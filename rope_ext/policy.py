@@ -26,7 +26,11 @@ the benchmarks all call it. For a model with original context L and buckets
    changes during the request's life.
 5. A per-request override (a factor in ``[1, max_factor]``, rounded up to a bucket, never below the
    floor) replaces all of the above and pins the request to that bucket for its whole life: the client
-   chose its scale (past that bucket's capacity its tokens extrapolate, and the engine counts it).
+   chose its scale. Such a request must fit its bucket, since it never grows (:func:`pinned_max_tokens`):
+   prompt plus ``max_tokens`` above the bucket's capacity is refused (a context-length error naming the
+   capacity), and a request without ``max_tokens`` stops at the capacity (its ``max_tokens`` becomes
+   ``capacity - prompt``, finish reason ``length``). So no request computes a token past its bucket,
+   pinned or not, but one under ``"reserve"`` without ``max_tokens`` (sized for the generation reserve).
 
 The result depends on nothing but the request and the settings: the same request gets the same scale
 wherever the policy runs.
@@ -37,8 +41,8 @@ from __future__ import annotations
 import math
 from numbers import Real
 
-from rope_ext.config import RopeScaling
-from rope_ext.errors import RopeConfigError
+from rope_ext.config import RopeScaling, format_factor
+from rope_ext.errors import CapacityExceededError, RopeConfigError
 
 
 def validate_override(value: object, scaling: RopeScaling, *, field: str = "rope_factor") -> float:
@@ -102,6 +106,36 @@ def choose_factor(prompt_tokens: int, max_tokens: int | None, scaling: RopeScali
     if scaling.growth != "reserve":  # look ahead at most the reserve; growth provides for the rest
         length = prompt_tokens + min(length - prompt_tokens, scaling.generation_reserve)
     return bucket_for_length(length, scaling)
+
+
+def pinned_max_tokens(prompt_tokens: int, max_tokens: int | None, factor: float, scaling: RopeScaling) -> int:
+    """Rule 5: the ``max_tokens`` a request pinned to the bucket ``factor`` runs with, so that it never
+    holds more than the bucket's capacity ``floor(L * s)`` (a pinned request never grows).
+
+    ``max_tokens`` is the client's own limit, None when it set none (as :func:`requested_max_tokens` reads
+    it). A set limit is kept when the prompt plus it fits the capacity (the same arithmetic as vLLM's own
+    context check: prompt + max_tokens <= the context); an unset one becomes ``capacity - prompt_tokens``,
+    so the request stops at the capacity with finish reason ``length``. Anything else raises
+    :class:`CapacityExceededError`, whose message names the most the bucket holds: a set limit that does
+    not fit, or a prompt that leaves no room for one generated token::
+
+        pinned_max_tokens(7900, None, 1.0, scaling)   # -> 292 (L = 8192)
+        pinned_max_tokens(7900, 600, 1.0, scaling)    # CapacityExceededError: "... holds at most 8192 ..."
+    """
+    capacity = scaling.capacity(factor)
+    holds = f"This request's rope_factor {format_factor(factor)} holds at most {capacity} tokens"
+    if max_tokens is not None:
+        if prompt_tokens + max_tokens <= capacity:
+            return max_tokens
+        raise CapacityExceededError(
+            "max_tokens", f"{holds}; the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is "
+            f"{prompt_tokens + max_tokens}. Reduce the length of the prompt or max_tokens, or ask for a larger "
+            "rope_factor or none.", capacity=capacity)
+    if prompt_tokens < capacity:
+        return capacity - prompt_tokens
+    raise CapacityExceededError(
+        "prompt", f"{holds}; the prompt ({prompt_tokens} tokens) leaves no room for a generated token. Reduce "
+        "the length of the prompt, or ask for a larger rope_factor or none.", capacity=capacity)
 
 
 def grows(scaling: RopeScaling, *, pinned: bool = False) -> bool:

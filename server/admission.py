@@ -4,9 +4,13 @@ The engine decides every request's factor (the plugin's engine-core admission, w
 :mod:`rope_ext.policy`); the gateway only answers what it must before the engine does. Given the prompt's
 token count, the request's ``max_tokens`` (or None) and its optional ``rope_factor`` / ``rope_method``,
 :func:`admit` either refuses the request (400, before it reaches an engine) or returns the factor the engine
-will start it at, by the same call the engine makes (so ``x-rope-factor`` is known before the answer). The
-gateway forwards only the client's own override (``vllm_xargs.rope_factor``); :func:`final_factor` gives
-the factor a finished request ended at, from its usage, by the same rule the engine grows by::
+will start it at, by the same call the engine makes (so ``x-rope-factor`` is known before the answer). A
+request pinned by an override must fit its bucket (:func:`rope_ext.pinned_max_tokens`, as the engine
+applies it): one that does not is a 400 ``context_length_exceeded`` naming the bucket's capacity, and one
+without ``max_tokens`` is capped by the engine at the capacity (``Admission.pinned_limit``; it finishes with
+reason ``length``). The gateway forwards only the client's own override (``vllm_xargs.rope_factor``);
+:func:`final_factor` gives the factor a finished request ended at, from its usage, by the same rule the
+engine grows by::
 
     admission = admit(prompt_tokens=12000, max_tokens=256, scaling=scaling)   # Admission(factor=2.0, ...)
 """
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from rope_ext import RopeScaling, choose_factor, planned_length
+from rope_ext import CapacityExceededError, RopeScaling, choose_factor, pinned_max_tokens, planned_length
 from rope_ext.policy import factor_at, requested_max_tokens
 from server.errors import ContextLengthExceeded, InvalidRequest
 
@@ -29,6 +33,7 @@ class Admission:
     planned_tokens: int
     factor: float
     override: object | None = None  # what the client asked for (forwarded to the engine), None for the policy
+    pinned_limit: int | None = None  # a pinned request's max_tokens as the engine runs it; None when not pinned
 
 
 def resolve_override(rope_factor: object | None, rope_method: str | None, xargs_factor: object | None,
@@ -70,8 +75,15 @@ def admit(prompt_tokens: int, max_tokens: int | None, scaling: RopeScaling, *, o
             "completion). Please reduce the length of the prompt or max_tokens.", param="max_tokens")
     stated = requested_max_tokens(prompt_tokens, max_tokens, limit)  # as the engine will read it
     factor = choose_factor(prompt_tokens, stated, scaling, override=override)
+    pinned_limit = None
+    if override is not None:  # pinned: it must fit its bucket, as the engine will check
+        try:
+            pinned_limit = pinned_max_tokens(prompt_tokens, stated, factor, scaling)
+        except CapacityExceededError as exc:
+            raise ContextLengthExceeded(str(exc), param=prompt_param if exc.field == "prompt" else exc.field) \
+                from None
     return Admission(prompt_tokens, max_tokens, planned_length(prompt_tokens, stated, scaling), factor,
-                     override)
+                     override, pinned_limit)
 
 
 def final_factor(admission: Admission, prompt_tokens: int, completion_tokens: int, scaling: RopeScaling) -> float:

@@ -101,18 +101,28 @@ def test_gateway_and_engine_agree_on_every_factor(gateway, http, sdk):
     assert gateway_sum == pytest.approx(engine_sum) and engine_sum == pytest.approx(sum(headers))  # running sums
 
 
-def test_engine_counts_requests_that_outgrow_their_bucket(gateway, book_tokens):
-    def overflows() -> float:
-        text = httpx.get(f"{gateway.engine_url}/metrics", timeout=30).text
-        return _metric(text, "ropeserve_engine_rope_bucket_overflow_total")
+def test_a_pinned_request_past_its_bucket_is_refused_by_the_engine_and_the_gateway(gateway, http, book_tokens):
+    # Forced to factor 1 (capacity 8192 tokens), 8190 prompt tokens + 10 new ones would outgrow the bucket:
+    # a 400 naming the capacity, from vLLM's own server (the plugin's front-end) as from the gateway.
+    body = {"model": MODEL, "prompt": book_tokens[:8190], "max_tokens": 10, "temperature": 0}
+    engine = httpx.post(f"{gateway.engine_url}/v1/completions", timeout=900,
+                        json={**body, "vllm_xargs": {"rope_factor": 1}})
+    ours = http.post("/v1/completions", json={**body, "rope_factor": 1})
+    for response in (engine, ours):
+        assert response.status_code == 400, response.text
+        assert ("This request's rope_factor 1 holds at most 8192 tokens; the prompt (8190 tokens) plus max_tokens "
+                "(10) is 8200.") in response.json()["error"]["message"]
+    assert ours.json()["error"]["code"] == "context_length_exceeded"
 
-    before = overflows()
-    # Forced to factor 1 (capacity 8192 tokens), 8190 prompt tokens + 10 new ones outgrow the bucket.
-    response = httpx.post(f"{gateway.engine_url}/v1/completions", timeout=900, json={
-        "model": MODEL, "prompt": book_tokens[:8190], "max_tokens": 10, "ignore_eos": True,
-        "temperature": 0, "vllm_xargs": {"rope_factor": 1}})
+
+def test_a_pinned_request_without_max_tokens_stops_at_its_bucket(http, book_tokens):
+    response = http.post("/v1/completions", json={"model": MODEL, "prompt": book_tokens[:8185], "rope_factor": 1,
+                                                  "temperature": 0, "ignore_eos": True})
     assert response.status_code == 200, response.text
-    assert overflows() == before + 1
+    body = response.json()
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 7 and body["usage"]["total_tokens"] == 8192
+    assert response.headers["x-rope-factor"] == response.headers["x-rope-factor-final"] == "1"
 
 
 @pytest.mark.parametrize("factor", [0.5, 9, "two"])

@@ -2,7 +2,8 @@
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so that the scheduler's requests can be read and the plugin's
 hook broken on purpose. Prints one JSON object::
 
-    python tests/plugin/engine_core_child.py MODEL_DIR admission    # API path vs the engine core directly
+    python tests/plugin/engine_core_child.py MODEL_DIR admission    # API path vs the engine core directly,
+                                                                    # and pinned requests fit their bucket
     python tests/plugin/engine_core_child.py MODEL_DIR broken       # the runner's fill disabled
 """
 
@@ -35,7 +36,8 @@ def main(model: str, what: str) -> None:
 
     def added(self, request) -> None:
         admitted[request.request_id] = {"factor": request.ropeserve.factor, "cache_salt": request.cache_salt,
-                                        "block_hashes": [h.hex() for h in request.block_hashes[:2]]}
+                                        "block_hashes": [h.hex() for h in request.block_hashes[:2]],
+                                        "max_tokens": request.max_tokens}
         original_added(self, request)
 
     SchedulerRope.added = added
@@ -57,6 +59,7 @@ def main(model: str, what: str) -> None:
         while core.engine_core.scheduler.has_requests():
             core.engine_core.step()
         out["direct"] = admitted["direct-1"]
+        out["pinned"] = pinned_requests(llm, core, prompt[: L - 10], admitted)
     out["counters"] = {kind: values[:4].tolist() for kind, values in stats.read_counters().items()}
     from prometheus_client import CollectorRegistry, generate_latest
 
@@ -64,6 +67,44 @@ def main(model: str, what: str) -> None:
     registry.register(stats.RopeCollector())
     out["metrics"] = generate_latest(registry).decode()  # what vLLM's /metrics would show of the plugin
     print("RESULT " + json.dumps(out))
+
+
+def pinned_requests(llm, core, prompt: list[int], admitted: dict[str, dict]) -> dict:
+    """Requests pinned at factor 1 (capacity L) with a prompt 10 tokens short of it: 20 new tokens are
+    refused, by the front-end (vLLM's 400) and by the engine core; none is capped at 10 tokens, both ways."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+    from vllm.inputs import TokensPrompt
+    from vllm.v1.engine import EngineCoreRequest
+
+    from rope_ext import RopeConfigError
+
+    def params(max_tokens: int | None) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, extra_args={"rope_factor": 1})
+
+    def direct(request_id: str, max_tokens: int) -> EngineCoreRequest:
+        return EngineCoreRequest(request_id=request_id, prompt_token_ids=prompt, mm_features=None,
+                                 sampling_params=params(max_tokens), pooling_params=None, arrival_time=time.time(),
+                                 lora_request=None, cache_salt=None, data_parallel_rank=None)
+
+    out: dict = {}
+    try:
+        llm.generate([TokensPrompt(prompt_token_ids=prompt)], [params(20)], use_tqdm=False)
+    except VLLMValidationError as exc:
+        out["refused"] = {"message": exc.args[0], "parameter": exc.parameter}
+    try:
+        core.add_request(direct("direct-over", 20))
+    except RopeConfigError as exc:
+        out["direct_refused"] = str(exc)
+    (capped,) = llm.generate([TokensPrompt(prompt_token_ids=prompt)], [params(None)], use_tqdm=False)
+    out["capped"] = {"finish_reason": capped.outputs[0].finish_reason, "prompt": len(capped.prompt_token_ids),
+                     "generated": len(capped.outputs[0].token_ids)}
+    core.add_request(direct("direct-capped", 4 * L - len(prompt)))  # max_tokens as vLLM fills in a missing one
+    while core.engine_core.scheduler.has_requests():
+        core.engine_core.step()
+    out["direct_capped"] = admitted["direct-capped"]["max_tokens"]
+    out["admitted"] = sorted(admitted)
+    return out
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ patched ``EngineCore.preprocess_add_request`` applies it, before the request's b
 from __future__ import annotations
 
 import time
+import types
 
 import pytest
 
@@ -96,23 +97,63 @@ def test_rerotate_gives_a_request_that_may_grow_a_salt_of_its_own():
     assert fixed.cache_salt == "user"
 
 
-def test_front_end_refuses_a_bad_override_with_a_400(monkeypatch):
-    """The front-end validates with the engine core's own rule; the engine core decides."""
-    from vllm.exceptions import VLLMClientError
+@pytest.fixture
+def front_end(monkeypatch):
+    """vLLM's ``InputProcessor.process_inputs`` with the plugin's hook, over a stand-in that returns
+    ``_request(*args, **kwargs)`` as vLLM would build it; call ``front_end(scaling, *args, **kwargs)``."""
     from vllm.v1.engine.input_processor import InputProcessor
 
     from rope_ext.vllm_plugin import admission
 
-    monkeypatch.setattr(InputProcessor, "process_inputs", lambda self, *a, **k: _request(100, 16, **k))
+    monkeypatch.setattr(InputProcessor, "process_inputs", lambda self, *a, **k: _request(*a, **k))
     admission.patch_input_processor()
 
     class Processor(InputProcessor):
-        def __init__(self):
-            self._ropeserve_scaling = SCALING
+        def __init__(self, scaling):
+            self._ropeserve_scaling = scaling
+            self.model_config = types.SimpleNamespace(max_model_len=MAX_MODEL_LEN)
 
-    assert Processor().process_inputs(extra_args={"rope_factor": 2}).sampling_params.extra_args == {"rope_factor": 2}
+    return lambda scaling, *args, **kwargs: Processor(scaling).process_inputs(*args, **kwargs)
+
+
+def test_front_end_refuses_a_bad_override_with_a_400(front_end):
+    """The front-end validates with the engine core's own rule; the engine core decides."""
+    from vllm.exceptions import VLLMClientError
+
+    assert front_end(SCALING, 100, 16, extra_args={"rope_factor": 2}).sampling_params.extra_args == {"rope_factor": 2}
     with pytest.raises(VLLMClientError, match="rope_factor"):
-        Processor().process_inputs(extra_args={"rope_factor": 9})
+        front_end(SCALING, 100, 16, extra_args={"rope_factor": 9})
+
+
+def test_a_pinned_request_past_its_bucket_is_a_400_in_the_front_end_and_fails_in_the_engine_core(front_end):
+    """Issue 21: rope_factor 1 holds L = 8192 tokens; the message is the policy's, as the gateway's."""
+    from vllm.exceptions import VLLMValidationError
+
+    from rope_ext import CapacityExceededError
+
+    message = ("This request's rope_factor 1 holds at most 8192 tokens; the prompt (7900 tokens) plus max_tokens "
+               "(600) is 8500. Reduce the length of the prompt or max_tokens, or ask for a larger rope_factor or none.")
+    with pytest.raises(VLLMValidationError) as info:
+        front_end(RECOMPUTE, 7900, 600, extra_args={"rope_factor": 1})
+    assert str(info.value) == f"{message} (parameter=max_tokens)" and info.value.parameter == "max_tokens"
+    request = _request(7900, 600, extra_args={"rope_factor": 1}, cache_salt="user")
+    with pytest.raises(CapacityExceededError) as refused:
+        admit(request, RECOMPUTE, MAX_MODEL_LEN)  # a request that came to the engine core directly
+    assert str(refused.value) == message
+    assert request.cache_salt == "user" and request.sampling_params.extra_args == {"rope_factor": 1}  # untouched
+
+
+@pytest.mark.parametrize("max_tokens", [None, MAX_MODEL_LEN - 7900])  # vLLM's fill-in reads as unset
+def test_a_pinned_request_without_max_tokens_is_capped_at_its_bucket(front_end, max_tokens):
+    request = front_end(RECOMPUTE, 7900, max_tokens, extra_args={"rope_factor": 1})
+    assert request.sampling_params.max_tokens == 292  # 8192 in all: it finishes with reason length there
+    state = admit(request, RECOMPUTE, MAX_MODEL_LEN)  # the engine core agrees, and changes nothing
+    assert (state.factor, state.pinned, request.sampling_params.max_tokens) == (1.0, True, 292)
+    direct = _request(7900, max_tokens, extra_args={"rope_factor": 1})  # straight to the engine core
+    admit(direct, RECOMPUTE, MAX_MODEL_LEN)
+    assert direct.sampling_params.max_tokens == 292
+    kept = front_end(RECOMPUTE, 7900, 100, extra_args={"rope_factor": 1})
+    assert kept.sampling_params.max_tokens == 100
 
 
 def test_cache_salt_separates_scales_and_keeps_the_clients_salt():
@@ -155,14 +196,18 @@ def test_invalid_plugin_settings_name_the_field():
         scaling_from_rope_parameters({"rope_type": "dynamic_yarn", "factor": 4.0, "finetuned_factor": 8}, 8192)
 
 
-def test_gateway_and_engine_can_never_disagree():
+def test_gateway_and_engine_can_never_disagree(front_end):
     """The gateway answers x-rope-factor before the engine does, with the same policy call; the engine sees
-    the request as vLLM hands it over (a missing max_tokens filled with the rest of the context). Over
-    every growth mode, bucket list, length, limit and override, both choose the same factor."""
+    the request as vLLM hands it over (a missing max_tokens filled with the rest of the context), through
+    its front-end and then its engine core. Over every growth mode, bucket list, length, limit and
+    override, both choose the same factor; a pinned request is refused by both with the same message, or
+    run by both with the same max_tokens (rule 5)."""
     from hypothesis import given, settings
     from hypothesis import strategies as st
+    from vllm.exceptions import VLLMValidationError
 
     from server.admission import admit as gateway_admit
+    from server.errors import ContextLengthExceeded
 
     modes = st.sampled_from(["recompute", "reserve", "rerotate"])
     bucket_lists = st.sampled_from([None, (1.0, 1.5, 3.0, 8.0), (1.0, 2 ** 0.5, 2.0, 4.0, 8.0)])
@@ -177,9 +222,18 @@ def test_gateway_and_engine_can_never_disagree():
                               growth=growth, headroom=headroom)
         if limit is not None and prompt + limit > MAX_MODEL_LEN:
             limit = MAX_MODEL_LEN - prompt or None  # the gateway refuses the rest (context length, a 400)
-        gateway = gateway_admit(prompt, limit, scaling, override=override).factor
         filled = limit if limit is not None else MAX_MODEL_LEN - prompt  # what vLLM passes the engine core
-        request = _request(prompt, filled, extra_args=None if override is None else {"rope_factor": override})
-        assert admit(request, scaling, MAX_MODEL_LEN).factor == gateway
+        extra_args = None if override is None else {"rope_factor": override}
+        try:
+            gateway = gateway_admit(prompt, limit, scaling, override=override)
+        except ContextLengthExceeded as refused:
+            with pytest.raises(VLLMValidationError) as info:
+                front_end(scaling, prompt, filled, extra_args=extra_args)
+            assert str(info.value.__cause__) == refused.message
+            return
+        request = front_end(scaling, prompt, filled, extra_args=extra_args)
+        assert admit(request, scaling, MAX_MODEL_LEN).factor == gateway.factor
+        ran = request.sampling_params.max_tokens
+        assert ran == (filled if gateway.pinned_limit is None else gateway.pinned_limit)
 
     check()

@@ -1,10 +1,11 @@
 """The one decider, on the real engine core: every request is admitted where it enters the engine core,
-whichever way it comes; and the engine's counters prove the scale is applied, so a broken hook shows.
+whichever way it comes; a request pinned to a bucket never computes a token past its capacity; and the
+engine's counters prove the scale is applied, so a broken hook shows.
 
 The engine runs in one child process (vLLM's in-process engine core, tests/plugin/engine_core_child.py)
 so that its scheduler can be read and the plugin's fill disabled on purpose (default model, float32,
-L = 1000, factor 4). A streaming-input session is checked on the engine core's own entry point with the
-scheduler standing in as the one dict it reads.
+L = 1000, factor 4); the admission run is shared by the tests that read it. A streaming-input session is
+checked on the engine core's own entry point with the scheduler standing in as the one dict it reads.
 """
 
 from __future__ import annotations
@@ -34,14 +35,41 @@ def _child(model_dir: str, what: str, tmp_path: Path) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def test_a_request_submitted_to_the_engine_core_directly_is_admitted_as_through_the_api(model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def admission_run(model_dir, tmp_path_factory) -> dict:
+    return _child(model_dir, "admission", tmp_path_factory.mktemp("admission"))
+
+
+def test_a_request_submitted_to_the_engine_core_directly_is_admitted_as_through_the_api(admission_run):
     """An EngineCoreRequest added to the engine core (no InputProcessor, no OpenAI front-end) gets the same
     factor, cache salt and block hashes as the same prompt through vLLM's own front-end."""
-    out = _child(model_dir, "admission", tmp_path)
+    out = admission_run
     assert out["api"]["factor"] == out["direct"]["factor"] == 2.0
     assert out["api"]["cache_salt"] == out["direct"]["cache_salt"] == "|ropeserve-rope-factor=2.0"
     assert out["api"]["block_hashes"] == out["direct"]["block_hashes"]
     assert out["counters"]["scheduled"] == out["counters"]["computed"]
+
+
+def test_a_pinned_request_past_its_bucket_is_refused(admission_run):
+    """Issue 21: rope_factor 1 holds L = 1000 tokens; 990 + 20 is refused with the policy's message, by the
+    front-end (vLLM's VLLMValidationError: a 400 on its OpenAI server) and by the engine core for a request
+    sent to it directly; neither is admitted."""
+    pinned = admission_run["pinned"]
+    message = ("This request's rope_factor 1 holds at most 1000 tokens; the prompt (990 tokens) plus max_tokens (20) "
+               "is 1010. Reduce the length of the prompt or max_tokens, or ask for a larger rope_factor or none.")
+    assert pinned["refused"] == {"message": message, "parameter": "max_tokens"}
+    assert pinned["direct_refused"] == message
+    assert "direct-over" not in pinned["admitted"]
+
+
+def test_a_pinned_request_without_max_tokens_stops_at_its_bucket(admission_run):
+    """The same prompt without max_tokens generates 10 tokens and finishes with reason length: 1000 tokens
+    in all, the capacity of factor 1; sent to the engine core directly with vLLM's fill-in (max_tokens 3010),
+    it is capped alike. No token of any request was computed past its bucket."""
+    pinned = admission_run["pinned"]
+    assert pinned["capped"] == {"finish_reason": "length", "prompt": 990, "generated": 10}
+    assert pinned["direct_capped"] == 10
+    assert sum(admission_run["counters"]["past"]) == 0  # the workers' count of positions past a bucket
 
 
 def test_a_broken_hook_shows_in_the_counters_and_fails_the_gateways_check(model_dir, tmp_path):

@@ -4,7 +4,8 @@ It speaks what the gateway uses: ``GET /health``, ``GET /v1/models``, ``POST /to
 tokenizer, with a toy chat template for ``messages``), ``POST /v1/completions`` and
 ``POST /v1/chat/completions`` (streaming as SSE ``data: {...}`` events ending with ``data: [DONE]``), and
 ``GET /metrics``. Like the real engine with the rope plugin, it reads ``vllm_xargs.rope_factor``, refuses bad
-values with 400, rounds good ones up to a bucket and records the factor it ran at. Generation is
+values with 400, rounds good ones up to a bucket and records the factor it ran at; a request so pinned must
+fit its bucket (400 otherwise) and without ``max_tokens`` stops at the bucket's capacity. Generation is
 deterministic: a passkey prompt is answered with its key (or a wrong one when ``passkey_wrong``), anything
 else with ``t0 t1 ...`` up to ``max_tokens`` (default 16); with ``sign_answers``, each token also carries the
 factor the request ran at and a hash of its prompt (`` t0/f2/h1234``), so a request whose factor or prompt
@@ -35,7 +36,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from rope_ext import RopeConfigError, RopeScaling, choose_factor, validate_override
-from rope_ext.policy import smallest_bucket_at_least
+from rope_ext.policy import pinned_max_tokens, requested_max_tokens, smallest_bucket_at_least
 
 MODEL = "fake-model"
 _PASSKEY = re.compile(r"The pass key is (\d+)\. Remember it\.")
@@ -118,6 +119,14 @@ class FakeEngine:
             return smallest_bucket_at_least(validate_override(xargs["rope_factor"], self.scaling), self.scaling)
         return choose_factor(prompt_tokens, max_tokens, self.scaling)
 
+    def _budget(self, body: dict[str, Any], prompt_tokens: int, max_tokens: int | None, factor: float) -> int:
+        """Tokens to answer: ``max_tokens`` (unset: 16), a pinned request's no more than its bucket holds."""
+        budget = 16 if max_tokens is None else max_tokens
+        if "rope_factor" not in (body.get("vllm_xargs") or {}):
+            return budget
+        stated = requested_max_tokens(prompt_tokens, max_tokens, self.max_model_len)
+        return min(budget, pinned_max_tokens(prompt_tokens, stated, factor, self.scaling))
+
     # --- generation -------------------------------------------------------------------------------------
 
     def _answer(self, prompt: str, max_tokens: int) -> list[str]:
@@ -187,10 +196,11 @@ class FakeEngine:
                 return vllm_error(400, f"This model's maximum context length is {engine.max_model_len} tokens.")
             try:
                 factor = engine._factor(body, prompt_tokens, max_tokens)
+                budget = engine._budget(body, prompt_tokens, max_tokens, factor)
             except RopeConfigError as exc:
                 return vllm_error(400, str(exc), exc.field)
             engine.factors.append(factor)
-            pieces = engine._answer(prompt, 16 if max_tokens is None else max_tokens)
+            pieces = engine._answer(prompt, budget)
             engine.rope_scheduled[factor] += prompt_tokens + len(pieces)
             if not engine.rope_hook_broken:
                 engine.rope_computed[factor] += prompt_tokens + len(pieces)

@@ -60,11 +60,39 @@ def test_prompt_plus_max_tokens_over_the_context_is_refused() -> None:
 
 def test_override_is_rounded_up_to_a_bucket_and_validated() -> None:
     assert admit(100, 10, SCALING, override=3).factor == 4.0
-    assert admit(30000, 10, SCALING, override=1).factor == 1.0  # the client's choice, even when short
+    assert admit(3000, 10, SCALING, override=1).factor == 1.0
+    assert admit(3000, 10, SCALING, override=4).factor == 4.0  # the client's choice, even when larger
     for bad in (0.5, 9, float("nan"), "2", True):
         with pytest.raises(RopeConfigError) as info:
             admit(100, 10, SCALING, override=bad)
         assert info.value.field == "rope_factor"
+
+
+def test_a_pinned_request_past_its_bucket_is_refused() -> None:
+    """Issue 21: rope_factor 1 holds L = 8192 tokens, whatever the growth mode (a pinned request never grows)."""
+    for scaling in (SCALING, GROWING):
+        with pytest.raises(ContextLengthExceeded) as info:
+            admit(7900, 600, scaling, override=1)
+        assert info.value.message == (
+            "This request's rope_factor 1 holds at most 8192 tokens; the prompt (7900 tokens) plus max_tokens "
+            "(600) is 8500. Reduce the length of the prompt or max_tokens, or ask for a larger rope_factor or "
+            "none.")
+        assert (info.value.param, info.value.code, info.value.status_code) == (
+            "max_tokens", "context_length_exceeded", 400)
+        assert admit(7900, 600, scaling).factor in (1.0, R2)  # not pinned: the policy's bucket holds it
+    with pytest.raises(ContextLengthExceeded, match="leaves no room") as info:
+        admit(30000, None, SCALING, override=1, prompt_param="messages")
+    assert info.value.param == "messages"
+    with pytest.raises(ContextLengthExceeded, match="holds at most 16384 tokens"):
+        admit(16000, 400, SCALING, override=1.5)  # rounded up to the bucket 2
+
+
+def test_a_pinned_request_without_max_tokens_stops_at_its_bucket() -> None:
+    assert admit(7900, None, GROWING, override=1).pinned_limit == 292  # the engine caps it: 8192 in all
+    assert admit(7900, 65536 - 7900, GROWING, override=1).pinned_limit == 292  # vLLM's fill-in: unset
+    assert admit(7900, 292, GROWING, override=1).pinned_limit == 292
+    assert admit(7900, None, GROWING, override=2).pinned_limit == 16384 - 7900
+    assert admit(7900, None, GROWING).pinned_limit is None  # not pinned: it grows instead
 
 
 def test_rope_method() -> None:

@@ -114,7 +114,7 @@ async def test_rope_factor_override_and_method() -> None:
         up = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "rope_factor": 3})
         xargs = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1,
                                                             "vllm_xargs": {"rope_factor": 8}})
-        plain = await client.post("/v1/completions", json={"prompt": words(9000), "max_tokens": 1,
+        plain = await client.post("/v1/completions", json={"prompt": words(8000), "max_tokens": 1,
                                                             "rope_method": "default"})
         served = await client.post("/v1/completions", json={"prompt": words(9000), "max_tokens": 1,
                                                              "rope_method": "dynamic_yarn"})
@@ -155,6 +155,47 @@ async def test_context_length_exceeded_never_reaches_an_engine() -> None:
     assert_envelope(chat, 400, code="context_length_exceeded", param="messages")
     assert fits.status_code == 200 and fits.headers["x-rope-factor"] == "8"
     assert len(engine.requests) == 1
+
+
+async def test_a_pinned_request_past_its_bucket_never_reaches_an_engine() -> None:
+    """Issue 21: rope_factor 1 (or plain RoPE) holds L = 8192 tokens; 7900 + 600 would compute 308 past it."""
+    engine = FakeEngine()
+    over = {"prompt": words(7900), "max_tokens": 600}
+    async with gateway([engine]) as client:
+        pinned = await client.post("/v1/completions", json={**over, "rope_factor": 1})
+        xargs = await client.post("/v1/completions", json={**over, "vllm_xargs": {"rope_factor": 1}})
+        plain = await client.post("/v1/completions", json={**over, "rope_method": "default"})
+        chat = await client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": words(8200)}], "rope_factor": 1})
+        fits = await client.post("/v1/completions", json={**over, "max_tokens": 292, "rope_factor": 1})
+        grows = await client.post("/v1/completions", json=over)
+    for response in (pinned, xargs, plain):
+        error = assert_envelope(response, 400, code="context_length_exceeded", param="max_tokens")
+        assert error["message"] == (
+            "This request's rope_factor 1 holds at most 8192 tokens; the prompt (7900 tokens) plus max_tokens "
+            "(600) is 8500. Reduce the length of the prompt or max_tokens, or ask for a larger rope_factor or "
+            "none.")
+    assert_envelope(chat, 400, code="context_length_exceeded", param="messages", contains="holds at most 8192")
+    assert fits.status_code == 200 and grows.status_code == 200  # unpinned, it grows past L instead
+    assert len(engine.requests) == 2
+
+
+async def test_a_pinned_request_without_max_tokens_stops_at_its_bucket() -> None:
+    """The engine caps its max_tokens at capacity - prompt (the fake, as the plugin, by the policy's own
+    call): it finishes with reason length, 8192 tokens in all, at factor 1 from start to end."""
+    engine = FakeEngine()
+    async with gateway([engine]) as client:
+        response = await client.post("/v1/completions", json={"prompt": words(8185), "rope_factor": 1})
+        chat = await client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": words(8180)}], "rope_method": "default"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 8185, "completion_tokens": 7, "total_tokens": 8192}
+    assert (response.headers["x-rope-factor"], response.headers["x-rope-factor-final"]) == ("1", "1")
+    assert "max_tokens" not in engine.requests[0][1]  # sent as the client sent it: the engine caps it
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["finish_reason"] == "length" and chat.json()["usage"]["total_tokens"] == 8192
 
 
 @pytest.mark.parametrize("path,body,param", [
@@ -335,7 +376,7 @@ async def test_a_request_that_grows_reports_where_it_started_and_ended() -> None
     async with gateway([engine], rope_growth="recompute") as client:
         grown = await client.post("/v1/completions", json={"prompt": words(7680), "max_tokens": 520})
         short = await client.post("/v1/completions", json={"prompt": words(100), "max_tokens": 10})
-        pinned = await client.post("/v1/completions", json={"prompt": words(7680), "max_tokens": 520,
+        pinned = await client.post("/v1/completions", json={"prompt": words(7680), "max_tokens": 512,
                                                             "rope_factor": 1})
         metrics = (await client.get("/metrics")).text
     assert (grown.headers["x-rope-factor"], grown.headers["x-rope-factor-final"]) == ("1", repr(R2))

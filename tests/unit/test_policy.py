@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from rope_ext import RopeScaling, choose_factor, planned_length
+from rope_ext import CapacityExceededError, RopeScaling, choose_factor, pinned_max_tokens, planned_length
 
 DEFAULT = RopeScaling(method="dynamic_yarn", original_max_position=8192, max_factor=8.0, growth="reserve")
 R2 = 2 ** 0.5
@@ -56,8 +56,49 @@ def test_override_rounds_up_to_a_bucket(override: float, factor: float) -> None:
 
 
 def test_override_replaces_the_needed_scale_even_when_smaller() -> None:
-    # The client's explicit choice wins; it may then run out of room, which the server reports.
+    # The client's explicit choice wins; such a request does not fit its bucket and is refused
+    # (pinned_max_tokens, below).
     assert choose_factor(40000, 0, DEFAULT, override=2) == 2.0
+
+
+# --- a pinned request must fit its bucket (rule 5) ------------------------------------------------------
+
+def test_a_pinned_request_past_its_bucket_is_refused_naming_the_capacity() -> None:
+    """Issue 21's example: rope_factor 1 holds L = 8192 tokens; 7900 + 600 would compute 308 past it."""
+    with pytest.raises(CapacityExceededError) as info:
+        pinned_max_tokens(7900, 600, 1.0, DEFAULT)
+    assert str(info.value) == (
+        "This request's rope_factor 1 holds at most 8192 tokens; the prompt (7900 tokens) plus max_tokens (600) "
+        "is 8500. Reduce the length of the prompt or max_tokens, or ask for a larger rope_factor or none.")
+    assert (info.value.field, info.value.capacity) == ("max_tokens", 8192)
+
+
+@pytest.mark.parametrize(("prompt", "max_tokens", "factor", "limit"), [
+    (7900, 292, 1.0, 292),      # exactly L: fits
+    (7900, None, 1.0, 292),     # no max_tokens: stops at the capacity
+    (8191, None, 1.0, 1),
+    (8192, 0, 1.0, 0),          # scoring the prompt alone (echo) fills the bucket exactly
+    (100, 16, 1.0, 16),
+    (11000, None, R2, 585),     # floor(8192 * sqrt 2) = 11585
+    (40000, 25536, 8.0, 25536),  # the largest bucket holds the served context
+])
+def test_a_pinned_request_that_fits_keeps_its_max_tokens_or_stops_at_the_capacity(prompt, max_tokens, factor,
+                                                                                  limit) -> None:
+    assert pinned_max_tokens(prompt, max_tokens, factor, DEFAULT) == limit
+
+
+@pytest.mark.parametrize(("prompt", "max_tokens", "factor", "field"), [
+    (7900, 293, 1.0, "max_tokens"),   # one token past L
+    (8192, None, 1.0, "prompt"),      # the prompt fills the bucket: no room for a generated token
+    (9000, None, 1.0, "prompt"),
+    (11000, 586, R2, "max_tokens"),
+])
+def test_a_pinned_request_that_does_not_fit_is_refused(prompt, max_tokens, factor, field) -> None:
+    with pytest.raises(CapacityExceededError, match=f"holds at most {DEFAULT.capacity(factor)} tokens") as info:
+        pinned_max_tokens(prompt, max_tokens, factor, DEFAULT)
+    assert info.value.field == field
+    if field == "prompt":
+        assert "leaves no room for a generated token" in str(info.value)
 
 
 def test_finetuned_factor_is_a_floor() -> None:

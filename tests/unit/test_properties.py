@@ -1,6 +1,7 @@
 """Property tests (hypothesis) of rope_ext: identity at s = 1, positive finite frequencies for every
 method, and the scale policy's guarantees (a bucket, never below the fine-tuned floor, monotone in the
-request's length, a bucket large enough for the planned length).
+request's length, a bucket large enough for the planned length; a pinned request never holds more than its
+bucket's capacity).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from hypothesis import strategies as st
 
 from rope_ext import (
     METHODS,
+    CapacityExceededError,
     RopeScaling,
     RotaryConfig,
     bucket_frequencies,
     choose_factor,
     compute_frequencies,
     cos_sin_rows,
+    pinned_max_tokens,
     planned_length,
 )
 
@@ -174,3 +177,25 @@ def test_override_picks_the_smallest_bucket_at_or_above_it(scaling: RopeScaling,
     factor = choose_factor(*request, scaling, override=override)
     floor = max(override, scaling.finetuned_factor)
     assert factor == min(b for b in scaling.buckets if b >= floor)
+
+
+@FAST
+@given(scaling=scalings(), request=requests, data=st.data())
+def test_a_pinned_request_never_holds_more_than_its_bucket(scaling: RopeScaling, request: tuple[int, int | None],
+                                                           data: st.DataObject) -> None:
+    """It runs with its own max_tokens when that fits, else up to the capacity when it set none, else it is
+    refused; and a request that fits a bucket fits every larger one."""
+    prompt, max_tokens = request
+    factor = data.draw(st.sampled_from(scaling.buckets))
+    capacity = scaling.capacity(factor)
+    try:
+        limit = pinned_max_tokens(prompt, max_tokens, factor, scaling)
+    except CapacityExceededError as exc:
+        assert exc.capacity == capacity and f"holds at most {capacity} tokens" in str(exc)
+        assert prompt + (1 if max_tokens is None else max_tokens) > capacity
+        return
+    assert prompt + limit <= capacity
+    assert limit == (capacity - prompt if max_tokens is None else max_tokens)
+    assert max_tokens is not None or limit >= 1
+    for larger in (b for b in scaling.buckets if b > factor):
+        assert pinned_max_tokens(prompt, max_tokens, larger, scaling) >= limit
