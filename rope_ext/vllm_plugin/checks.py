@@ -91,11 +91,29 @@ def check_setup(worker):
     if spec is not None and spec.method not in MODEL_FREE_DRAFTERS:
         _refuse(f"the speculative drafter ({spec.method}) has a model whose rotary embedding would read the "
                 "target's offsets", "Use a model-free drafter (n-gram) or no speculative decoding.")
+    key_compile_cache(config, scaling)
     if scaling.growth == "rerotate" and not (hook.rerotate and runner.device.type == "cpu"):
         _refuse(f"growth 'rerotate' (re-rotating cached keys) is implemented and validated on vLLM 0.32's V1 "
                 f"runner on CPU only, and this worker runs {type(runner).__qualname__} on {runner.device.type}",
                 "Use growth 'recompute' (the default) or 'reserve'.")
     return scaling
+
+
+def key_compile_cache(config, scaling) -> None:
+    """Put the plugin's settings into vLLM's compile cache key, before anything is compiled or loaded.
+
+    vLLM keys its compiled artifacts (``torch_compile_cache`` and the AOT cache) by its known ``VLLM_*``
+    environment, the config (``compute_hash()`` on 0.32, ``compile_factors()`` on 0.34: the adapter's
+    ``compile_cache_key``) and the traced code; none of them changes with
+    ``ROPESERVE_DYNAMIC_ROPE`` (the model's config says ``yarn`` either way), so a dynamic model could load a
+    plain model's graph, in which the offsets never enter. ``additional_config`` is part of the config's key
+    (as a dict, its contents), so the plugin's settings there give a dynamic model's graph a
+    key of its own, one per set of settings that changes the graph (rope type, buckets, growth, ...)."""
+    additional = config.additional_config
+    if not isinstance(additional, dict):
+        _refuse(f"vLLM's additional_config is a {type(additional).__name__}, not a dict, so the plugin cannot key "
+                "the compile cache by its settings", "Leave --additional-config unset or give it as a JSON dict.")
+    config.additional_config = {**additional, "ropeserve": repr(scaling)}
 
 
 def _rope_types(model_config) -> str:

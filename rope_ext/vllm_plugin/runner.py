@@ -173,26 +173,35 @@ def patch_model_runners(hooks: Sequence[RunnerHook]) -> None:
 
 def _wrap_layout(cls: type, hook: RunnerHook) -> None:
     original = cls.__dict__[hook.method]
-    if getattr(original, "_ropeserve", False):
-        return
+    if not getattr(original, "_ropeserve", False):
+        setattr(cls, hook.method, layout_hook(original, hook.batch))
+
+
+def _wrap_execute_model(cls: type) -> None:
+    original = cls.__dict__["execute_model"]
+    if not getattr(original, "_ropeserve", False):
+        cls.execute_model = execute_model_hook(original)
+
+
+def layout_hook(original, batch):
+    """``original`` (a runner's layout method), then the step's factors applied and its offsets written."""
 
     def layout(self, *args):
         result = original(self, *args)
         state = runner_state(self)
         if state is not None:
             state.apply(self, args[0])
-            state.fill(*hook.batch(self, args, result))
+            state.fill(*batch(self, args, result))
         return result
 
     layout._ropeserve = True
     layout.__wrapped__ = original
-    setattr(cls, hook.method, layout)
+    return layout
 
 
-def _wrap_execute_model(cls: type) -> None:
-    original = cls.__dict__["execute_model"]
-    if getattr(original, "_ropeserve", False):
-        return
+def execute_model_hook(original):
+    """A runner's ``execute_model`` that first ends the finished requests of a step with no tokens (such a
+    step returns before the layout method)."""
 
     def execute_model(self, scheduler_output, *args, **kwargs):
         state = runner_state(self)
@@ -202,4 +211,4 @@ def _wrap_execute_model(cls: type) -> None:
 
     execute_model._ropeserve = True
     execute_model.__wrapped__ = original
-    cls.execute_model = execute_model
+    return execute_model

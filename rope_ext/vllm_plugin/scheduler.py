@@ -126,7 +126,8 @@ class SchedulerRope:
             counts[index(state.factor)] += n
             if told.get(req_id) != state.factor:
                 factors[req_id] = told[req_id] = state.factor
-            if state.pinned and not state.overflowed and request.num_computed_tokens + n > \
+            # vLLM's schedule() has already added this step's n tokens to num_computed_tokens
+            if state.pinned and not state.overflowed and request.num_computed_tokens > \
                     self.scaling.capacity(state.factor):
                 state.overflowed = True
                 self.overflow.add(0)

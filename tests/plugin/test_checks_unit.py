@@ -64,7 +64,8 @@ def _worker(runner, *, architectures=("LlamaForCausalLM",), growth=None, ubatchi
     text = types.SimpleNamespace(rope_parameters=params, max_position_embeddings=L)
     config = types.SimpleNamespace(
         model_config=types.SimpleNamespace(hf_text_config=text, architectures=list(architectures), max_model_len=4 * L),
-        parallel_config=types.SimpleNamespace(use_ubatching=ubatching), speculative_config=spec)
+        parallel_config=types.SimpleNamespace(use_ubatching=ubatching), speculative_config=spec,
+        additional_config={})
     return types.SimpleNamespace(model_runner=runner, vllm_config=config)
 
 
@@ -194,3 +195,30 @@ def test_a_model_that_is_not_dynamic_is_left_alone():
     worker.vllm_config.model_config.hf_text_config.rope_parameters = {"rope_type": "default"}
     _check(worker)
     assert "_ropeserve" not in runner.__dict__
+
+
+def test_the_compile_cache_key_changes_with_the_plugins_settings(model_dir):
+    """A dynamic model's compiled graph never shares vLLM's cache key with the plain model's (same config
+    file, the switch on or off) nor with other plugin settings (the config's part of the key, per version)."""
+    import dataclasses
+
+    from vllm.config import ModelConfig, VllmConfig
+
+    from rope_ext import RopeScaling
+    from rope_ext.vllm_plugin.checks import key_compile_cache
+    from rope_ext.vllm_plugin.versions import adapter
+
+    key = adapter().compile_cache_key
+
+    def config():
+        return VllmConfig(model_config=ModelConfig(model=model_dir, max_model_len=4 * L, skip_tokenizer_init=True))
+
+    scaling = RopeScaling.from_rope_parameters(DYNAMIC)
+    plain, dynamic, grown = config(), config(), config()
+    assert key(plain) == key(dynamic)
+    key_compile_cache(dynamic, scaling)
+    key_compile_cache(grown, dataclasses.replace(scaling, growth="reserve"))
+    assert len({key(plain), key(dynamic), key(grown)}) == 3
+    again = config()
+    key_compile_cache(again, scaling)
+    assert key(again) == key(dynamic)

@@ -41,4 +41,10 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.v1.worker.gpu_input_batch:CachedRequestState", "re-rotation: a request's blocks",
              fields=("block_ids", "num_computed_tokens")),
     *V2_INTERNALS,
+    Internal("vllm.config:VllmConfig.compute_hash", "the compile cache key (additional_config in it)"),
 )
+
+
+def compile_cache_key(vllm_config) -> str:
+    """The config's part of vLLM's compile cache key (``compilation/backends.py``, ``caching.py``)."""
+    return vllm_config.compute_hash()

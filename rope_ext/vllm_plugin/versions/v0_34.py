@@ -35,4 +35,10 @@ INTERNALS: tuple[Internal, ...] = (
              fields=("req_ids", "num_scheduled_tokens", "num_computed_tokens_np")),
     Internal("vllm.v1.engine:EngineCoreRequest", "precomputed block hashes are recomputed under the salt",
              fields=("block_hashes",)),
+    Internal("vllm.config:VllmConfig.compile_factors", "the compile cache key (additional_config in it)"),
 )
+
+
+def compile_cache_key(vllm_config) -> str:
+    """The config's part of vLLM's compile cache key (``compilation/caching.py``: its compile factors)."""
+    return repr(vllm_config.compile_factors())
