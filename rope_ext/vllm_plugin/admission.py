@@ -20,7 +20,9 @@ Keys cached at one scale are wrong at another, so a request at a factor other th
 appended to its ``cache_salt``: blocks are shared only between requests at the same scale, and factor-1
 requests share blocks with each other exactly as stock vLLM does. A request that grows is re-salted for
 its new scale (:func:`salt_for`); under ``growth="rerotate"`` a request that may grow gets a salt of its
-own instead (its blocks are rotated in place, so they must never be shared).
+own instead (its blocks are rotated in place, so they must never be shared). A front-end may send a
+prompt's block hashes precomputed (vLLM 0.34's ``EngineCoreRequest.block_hashes``), under the salt it knew:
+a request whose salt admission changes has them dropped, and the engine core hashes it under the new salt.
 
 Streaming-input sessions (``resumable`` requests) are admitted once, by their first chunk; later chunks
 keep the session's scale (and grow it like any request).
@@ -47,6 +49,7 @@ from rope_ext import RopeConfigError, RopeScaling, choose_factor
 from rope_ext.policy import grows, may_outgrow, pinned_max_tokens, requested_max_tokens
 from rope_ext.vllm_plugin import stats
 from rope_ext.vllm_plugin.config import scaling_for_model
+from rope_ext.vllm_plugin.versions import adapter
 
 logger = logging.getLogger("vllm.ropeserve")
 
@@ -111,10 +114,11 @@ def admit(request, scaling: RopeScaling, max_model_len: int) -> RopeState:
         fit_to_bucket(params, prompt_len, factor, scaling, max_model_len)
     growable = grows(scaling, pinned=pinned) and may_outgrow(prompt_len, max_tokens, factor, scaling)
     state = RopeState(factor, factor, pinned, growable, request.cache_salt)
-    if scaling.growth == "rerotate" and growable:
-        request.cache_salt = private_salt(request.cache_salt)
-    else:
-        request.cache_salt = salt_for(request.cache_salt, factor)
+    salt = private_salt(request.cache_salt) if scaling.growth == "rerotate" and growable else \
+        salt_for(request.cache_salt, factor)
+    if salt != request.cache_salt:
+        request.cache_salt = salt
+        adapter().forget_frontend_block_hashes(request)  # hashed under the old salt: the engine hashes again
     if params is not None:
         params.extra_args = {**extra, FACTOR_KEY: factor}
     logger.debug("request %s: prompt %d tokens, max_tokens %s, override %s -> rope factor %s%s",

@@ -1,16 +1,14 @@
 """Start-up checks: a dynamic model either runs with every piece of the plugin in place, or does not start.
 
 A plugin that quietly does nothing is worse than none: the operator would see factors in metrics while
-every request runs with plain RoPE. So when a worker has loaded a dynamic model (``Worker.load_model``),
+every request runs with plain RoPE. So when a worker loads a dynamic model (``Worker.load_model``),
 :func:`check_runner` verifies, and raises :class:`UnsupportedSetupError` naming the setting to change:
 
 - the model runner actually running is one the installed vLLM's adapter hooks (:mod:`.versions`: V1 and
   V2 on 0.32/0.33, V2 and the standalone CPU runner on 0.34), with the plugin's hooks in place (a runner
   subclass that overrides them is refused);
-- the architecture is one whose fidelity is proven (:data:`PROVEN_ARCHITECTURES`, each with a real-engine
-  test); another is refused unless named in ``ROPESERVE_ALLOW_ARCHITECTURES`` (then a warning says it is
-  unproven). Models that feed ``cos_sin_cache`` and raw positions to a fused kernel (such as
-  ``qwen3_next.py``) bypass the per-token offset, which is why the list is explicit;
+- the switch (``ROPESERVE_DYNAMIC_ROPE=1``) is on only for a model the plugin serves per request (a
+  ``longrope`` or plain model would otherwise run at its own scale while the operator asked for dynamic);
 - every rotary module of the model is the plugin's, or a plain one built for layers the model's config
   does not scale (Gemma 3's sliding-window layers); a rotary module built any other way is refused;
 - no enabled feature bypasses the per-token offsets: micro-batching (``--enable-dbo`` or ``--ubatch-size``
@@ -19,13 +17,15 @@ every request runs with plain RoPE. So when a worker has loaded a dynamic model 
   own shares the target's rotary modules and offsets (model-free drafters, such as n-gram, are fine);
 - growth by re-rotation runs on vLLM 0.32's V1 runner on the CPU backend only.
 
+:data:`PROVEN_ARCHITECTURES` documents what the fidelity tests cover (each with a real-engine test); another
+architecture is served with a warning that its fidelity is unproven.
+
 :func:`check_scheduler` verifies, in the engine core, that the scheduler runs the plugin's hooks.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import weakref
 
 logger = logging.getLogger("vllm.ropeserve")
@@ -34,7 +34,6 @@ PROVEN_ARCHITECTURES = frozenset({
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM",
     "Phi3ForCausalLM",
 })
-ALLOW_ENV = "ROPESERVE_ALLOW_ARCHITECTURES"
 MODEL_FREE_DRAFTERS = frozenset({"ngram", "ngram_gpu", "suffix"})
 
 # Rotary modules get_rope built for parameters the plugin leaves alone (plain RoPE layers of a model
@@ -77,16 +76,11 @@ def check_setup(worker):
     if config.parallel_config.use_ubatching:
         _refuse("micro-batching (dual-batch overlap or --ubatch-size > 1) splits each step into micro-batches "
                 "the per-token offsets do not follow", "Turn off --enable-dbo and leave --ubatch-size at 0 or 1.")
-    architectures = set(config.model_config.architectures or ())
-    allowed = {a.strip() for a in os.environ.get(ALLOW_ENV, "").split(",") if a.strip()}
-    unproven = architectures - PROVEN_ARCHITECTURES
-    if unproven - allowed:
-        _refuse(f"architecture {', '.join(sorted(unproven))} is not one the plugin is proven exact on "
-                f"({', '.join(sorted(PROVEN_ARCHITECTURES))})",
-                f"To serve it anyway, unproven, set {ALLOW_ENV}={','.join(sorted(unproven))}.")
+    unproven = set(config.model_config.architectures or ()) - PROVEN_ARCHITECTURES
     if unproven:
-        logger.warning("ropeserve: serving architecture %s, which no fidelity test covers (%s is set)",
-                       ", ".join(sorted(unproven)), ALLOW_ENV)
+        logger.warning("ropeserve: architecture %s is not among those the fidelity tests cover (%s): its exactness "
+                       "is unproven", ", ".join(sorted(unproven)),
+                       ", ".join(sorted(PROVEN_ARCHITECTURES)))
     spec = config.speculative_config
     if spec is not None and spec.method not in MODEL_FREE_DRAFTERS:
         _refuse(f"the speculative drafter ({spec.method}) has a model whose rotary embedding would read the "
@@ -170,8 +164,10 @@ def check_runner(worker) -> None:
 
 
 def patch_worker() -> None:
-    """Run :func:`check_setup` before each worker builds its model and :func:`check_runner` after
-    (engine start-up): a set-up the plugin refuses never gets as far as building the model."""
+    """Run :func:`check_setup` before each worker builds its model and :func:`check_runner` after (engine
+    start-up): a set-up the plugin refuses never gets as far as building the model. While the worker warms
+    up (``compile_or_warm_up_model``), vLLM's own warm-up steps run at plain rows (:mod:`.runner`)."""
+    from vllm.v1.worker.cpu_worker import CPUWorker
     from vllm.v1.worker.gpu_worker import Worker
 
     original = Worker.load_model
@@ -186,3 +182,23 @@ def patch_worker() -> None:
     load_model._ropeserve = True
     load_model.__wrapped__ = original
     Worker.load_model = load_model
+    for cls in (Worker, CPUWorker):
+        cls.compile_or_warm_up_model = _warm_up(cls.__dict__["compile_or_warm_up_model"])
+
+
+def _warm_up(original):
+    def compile_or_warm_up_model(self, *args, **kwargs):
+        from rope_ext.vllm_plugin.runner import runner_state
+
+        state = runner_state(self.model_runner)
+        if state is None:
+            return original(self, *args, **kwargs)
+        state.warming_up = True  # vLLM's own warm-up steps carry no factors: plain rows
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            state.warming_up = False
+
+    compile_or_warm_up_model._ropeserve = True
+    compile_or_warm_up_model.__wrapped__ = original
+    return compile_or_warm_up_model

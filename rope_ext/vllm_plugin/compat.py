@@ -94,6 +94,8 @@ SHARED_INTERNALS: tuple[Internal, ...] = (
     # the workers (checks.py, runner.py, regrow.py)
     Internal("vllm.v1.worker.gpu_worker:Worker.load_model", "patched: the start-up checks",
              attrs=("model_runner", "vllm_config")),
+    *(Internal(f"{worker}.compile_or_warm_up_model", "patched: vLLM's warm-up steps at plain rows", params=())
+      for worker in ("vllm.v1.worker.gpu_worker:Worker", "vllm.v1.worker.cpu_worker:CPUWorker")),
     Internal("vllm.config.parallel:ParallelConfig.use_ubatching",
              "checks: micro-batching (dual-batch overlap, --ubatch-size)"),
     Internal("vllm.config.speculative:SpeculativeConfig", "checks: model-based drafters", fields=("method",)),

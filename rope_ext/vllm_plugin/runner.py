@@ -64,6 +64,9 @@ class RunnerRope:
         self.past = stats.counters(stats.PAST)
         self.capacity = np.array([self.scaling.capacity(b) for b in self.scaling.buckets], dtype=np.int64)
         self.regrower = None  # growth "rerotate": created at the first step (the KV caches exist then)
+        # While the worker warms up (compile_or_warm_up_model), vLLM runs steps of its own requests, which
+        # no scheduler annotated: they read plain rows (bucket 0), like dummy runs, and are not counted.
+        self.warming_up = False
 
     def apply(self, runner, scheduler_output) -> None:
         """Take what the scheduler says about this step (new factors, finished requests, re-rotations)."""
@@ -81,6 +84,12 @@ class RunnerRope:
             if self.regrower is None:
                 self.regrower = Regrower.discover(runner, self.modules[0])
             self.regrower.apply(runner, step.rerotate)
+
+    def fill_plain(self, num_tokens: int) -> None:
+        """Offsets 0 (bucket 0, plain RoPE) for a warm-up step's ``num_tokens`` tokens."""
+        self.host[:num_tokens] = 0
+        if self.staging is not None:
+            self.buffer[:num_tokens].copy_(self.staging[:num_tokens], non_blocking=True)
 
     def forget(self, finished_req_ids) -> None:
         """Drop finished requests (every step, the ones without tokens included)."""
@@ -123,8 +132,7 @@ class RunnerHook:
 
     ``batch(runner, args, result)`` reads the step's batch from the method's positional arguments
     (``scheduler_output`` first) and its result: the requests in batch order, their scheduled token counts,
-    and the tokens each had computed before the step. ``rerotate``: growth by re-rotation (:mod:`.regrow`)
-    can read this runner's request states."""
+    and the tokens each had computed before the step. ``rerotate``: growth by re-rotation (:mod:`.regrow`) can read this runner's request states."""
 
     target: str  # "module:Class"
     method: str
@@ -190,8 +198,12 @@ def layout_hook(original, batch):
         result = original(self, *args)
         state = runner_state(self)
         if state is not None:
-            state.apply(self, args[0])
-            state.fill(*batch(self, args, result))
+            req_ids, counts, computed = batch(self, args, result)
+            if state.warming_up and getattr(args[0], "ropeserve", None) is None:
+                state.fill_plain(int(np.sum(counts[: len(req_ids)])))  # vLLM's warm-up steps: plain rows
+            else:
+                state.apply(self, args[0])
+                state.fill(req_ids, counts, computed)
         return result
 
     layout._ropeserve = True

@@ -59,6 +59,8 @@ def main(model: str, what: str) -> None:
         while core.engine_core.scheduler.has_requests():
             core.engine_core.step()
         out["direct"] = admitted["direct-1"]
+        if "block_hashes" in EngineCoreRequest.__struct_fields__:  # vLLM 0.34: hashes from a front-end
+            out["frontend_hashed"] = frontend_hashed(core, prompt, admitted)
         out["pinned"] = pinned_requests(llm, core, prompt[: L - 10], admitted)
     out["counters"] = {kind: values[:4].tolist() for kind, values in stats.read_counters().items()}
     from prometheus_client import CollectorRegistry, generate_latest
@@ -67,6 +69,28 @@ def main(model: str, what: str) -> None:
     registry.register(stats.RopeCollector())
     out["metrics"] = generate_latest(registry).decode()  # what vLLM's /metrics would show of the plugin
     print("RESULT " + json.dumps(out))
+
+
+def frontend_hashed(core, prompt: list[int], admitted: dict[str, dict]) -> dict:
+    """A request whose prompt block hashes a front-end computed (vLLM 0.34's EngineCoreRequest.block_hashes)
+    under the salt it knew (none), as vLLM's engine core itself would hash them; the engine core would use
+    them as they are."""
+    from vllm import SamplingParams
+    from vllm.v1.engine import EngineCoreRequest
+    from vllm.v1.request import Request
+
+    def request(request_id: str, block_hashes=None) -> EngineCoreRequest:
+        return EngineCoreRequest(request_id=request_id, prompt_token_ids=prompt, mm_features=None,
+                                 sampling_params=SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
+                                 pooling_params=None, arrival_time=time.time(), lora_request=None, cache_salt=None,
+                                 data_parallel_rank=None, block_hashes=block_hashes)
+
+    hashes = list(Request.from_engine_core_request(request("frontend"), core.engine_core.request_block_hasher)
+                  .block_hashes)
+    core.add_request(request("direct-hashed", hashes))
+    while core.engine_core.scheduler.has_requests():
+        core.engine_core.step()
+    return {"sent": [h.hex() for h in hashes[:2]], **admitted["direct-hashed"]}
 
 
 def pinned_requests(llm, core, prompt: list[int], admitted: dict[str, dict]) -> dict:

@@ -50,6 +50,19 @@ def test_a_request_submitted_to_the_engine_core_directly_is_admitted_as_through_
     assert out["counters"]["scheduled"] == out["counters"]["computed"]
 
 
+def test_block_hashes_precomputed_by_a_front_end_still_get_the_scales_salt(admission_run):
+    """vLLM 0.34 lets a front-end send a prompt's block hashes (EngineCoreRequest.block_hashes), computed
+    under the salt it knew. The engine core would use them as they are, so a factor-2 request would share
+    its blocks with factor-1 requests; admission drops them when it salts the request, and the blocks are
+    hashed under the scale's salt, as the same prompt's through the API."""
+    if "frontend_hashed" not in admission_run:
+        pytest.skip("this vLLM (before 0.34) has no front-end block hashes: the engine core always hashes")
+    hashed = admission_run["frontend_hashed"]
+    assert hashed["factor"] == 2.0 and hashed["cache_salt"] == "|ropeserve-rope-factor=2.0"
+    assert hashed["block_hashes"] == admission_run["api"]["block_hashes"]
+    assert hashed["block_hashes"] != hashed["sent"]
+
+
 def test_a_pinned_request_past_its_bucket_is_refused(admission_run):
     """Issue 21: rope_factor 1 holds L = 1000 tokens; 990 + 20 is refused with the policy's message, by the
     front-end (vLLM's VLLMValidationError: a 400 on its OpenAI server) and by the engine core for a request

@@ -71,6 +71,8 @@ PATCHED = {
     "vllm.v1.core.sched.scheduler:Scheduler.schedule",
     "vllm.v1.core.sched.scheduler:Scheduler.add_request",
     "vllm.v1.worker.gpu_worker:Worker.load_model",
+    "vllm.v1.worker.gpu_worker:Worker.compile_or_warm_up_model",
+    "vllm.v1.worker.cpu_worker:CPUWorker.compile_or_warm_up_model",
     *(f"{hook.target}.{name}" for hook in adapter().RUNNERS for name in (hook.method, "execute_model")),
 }
 

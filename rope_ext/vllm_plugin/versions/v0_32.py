@@ -48,3 +48,7 @@ INTERNALS: tuple[Internal, ...] = (
 def compile_cache_key(vllm_config) -> str:
     """The config's part of vLLM's compile cache key (``compilation/backends.py``, ``caching.py``)."""
     return vllm_config.compute_hash()
+
+
+def forget_frontend_block_hashes(request) -> None:
+    """0.32 and 0.33 always hash a request's blocks in the engine core: nothing to forget."""

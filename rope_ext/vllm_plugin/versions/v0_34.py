@@ -42,3 +42,10 @@ INTERNALS: tuple[Internal, ...] = (
 def compile_cache_key(vllm_config) -> str:
     """The config's part of vLLM's compile cache key (``compilation/caching.py``: its compile factors)."""
     return repr(vllm_config.compile_factors())
+
+
+def forget_frontend_block_hashes(request) -> None:
+    """A front-end's precomputed prompt block hashes (``EngineCoreRequest.block_hashes``, used as they are
+    by ``EngineCore.preprocess_add_request`` when their count fits) were made under the request's old
+    cache salt; without them the engine core hashes the prompt itself, under the salt admission set."""
+    request.block_hashes = None
