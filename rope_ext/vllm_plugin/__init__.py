@@ -19,7 +19,7 @@ Pieces: :mod:`.config` (which models, which settings), :mod:`.rotary` (stacked b
 :mod:`.admission` (each request's factor and cache salt, fixed in the engine core), :mod:`.scheduler`
 (growth into larger buckets; each step's factors for the workers), :mod:`.runner` (per-token row offsets),
 :mod:`.regrow` (growth by re-rotating cached keys), :mod:`.checks` (unsupported set-ups refused at
-start-up), :mod:`.stats` (counters shared by vLLM's processes, on ``/metrics``), :mod:`.compat` (every
+start-up), :mod:`.probe` (the start-up proof that the scale reaches RoPE), :mod:`.stats` (counters shared by vLLM's processes, on ``/metrics``), :mod:`.compat` (every
 vLLM internal the plugin touches, checked), :mod:`.versions` (what differs between vLLM versions).
 """
 
@@ -39,7 +39,11 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from rope_ext.vllm_plugin.versions import SUPPORTED_VERSIONS, adapter, installed_version
+    from rope_ext.vllm_plugin.versions import (
+        SUPPORTED_VERSIONS,
+        adapter,
+        installed_version,
+    )
 
     version_adapter = adapter()
     if version_adapter is None:
@@ -53,6 +57,7 @@ def register() -> None:
     from rope_ext.vllm_plugin.admission import patch_engine_core, patch_input_processor
     from rope_ext.vllm_plugin.checks import patch_worker
     from rope_ext.vllm_plugin.compat import check_internals
+    from rope_ext.vllm_plugin.probe import patch_engine_core_start
     from rope_ext.vllm_plugin.runner import patch_model_runners
     from rope_ext.vllm_plugin.scheduler import patch_scheduler
 
@@ -65,6 +70,7 @@ def register() -> None:
     patch_scheduler()
     patch_worker()
     patch_model_runners(version_adapter.RUNNERS)
+    patch_engine_core_start()
     _registered = True
     logger.debug("ropeserve rope plugin registered")
 

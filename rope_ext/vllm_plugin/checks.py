@@ -59,7 +59,11 @@ def check_scheduler(scheduler) -> None:
 def check_setup(worker):
     """Before the model is built: the runner, the architecture and the features (see the module
     docstring). Returns the model's scaling, or None when the model is not dynamic."""
-    from rope_ext.vllm_plugin.config import SWITCH_ENV, scaling_for_model, yarn_switch_enabled
+    from rope_ext.vllm_plugin.config import (
+        SWITCH_ENV,
+        scaling_for_model,
+        yarn_switch_enabled,
+    )
     from rope_ext.vllm_plugin.versions import adapter
 
     runner = worker.model_runner

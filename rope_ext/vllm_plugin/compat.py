@@ -66,7 +66,13 @@ SHARED_INTERNALS: tuple[Internal, ...] = (
     # admission in the engine core (admission.py)
     Internal("vllm.v1.engine.core:EngineCore.preprocess_add_request",
              "patched: every request's factor and cache salt, before its blocks are hashed", params=("request",)),
-    Internal("vllm.v1.engine.core:EngineCore.__init__", "the scheduler admission reads", attrs=("scheduler",)),
+    Internal("vllm.v1.engine.core:EngineCore.__init__", "patched: the start-up probe; the scheduler admission "
+             "reads", attrs=("scheduler", "step_fn")),
+    Internal("vllm.v1.engine.core:EngineCore.add_request", "the probe's requests", params=("request", "request_wave")),
+    Internal("vllm.v1.core.sched.scheduler:Scheduler.has_requests", "the probe runs until its requests finish"),
+    Internal("vllm.v1.engine:EngineCoreOutputs", "the probe's outputs", fields=("outputs",)),
+    Internal("vllm.v1.engine:EngineCoreOutput", "the probe's logprobs", fields=("request_id", "new_logprobs")),
+    Internal("vllm.config.model:ModelConfig.get_vocab_size", "the probe's prompt"),
     Internal("vllm.v1.engine:EngineCoreRequest", "read and salted at admission",
              fields=("request_id", "prompt_token_ids", "prompt_embeds", "sampling_params", "cache_salt",
                      "resumable")),

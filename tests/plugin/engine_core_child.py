@@ -27,6 +27,7 @@ def main(model: str, what: str) -> None:
     from vllm.v1.engine import EngineCoreRequest
 
     from rope_ext.vllm_plugin import register, stats
+    from rope_ext.vllm_plugin.probe import PROBE_ID
     from rope_ext.vllm_plugin.runner import RunnerRope
     from rope_ext.vllm_plugin.scheduler import SchedulerRope
 
@@ -35,6 +36,8 @@ def main(model: str, what: str) -> None:
     original_added = SchedulerRope.added
 
     def added(self, request) -> None:
+        if request.request_id.startswith(PROBE_ID):  # the start-up probe's requests
+            return original_added(self, request)
         admitted[request.request_id] = {"factor": request.ropeserve.factor, "cache_salt": request.cache_salt,
                                         "block_hashes": [h.hex() for h in request.block_hashes[:2]],
                                         "max_tokens": request.max_tokens}

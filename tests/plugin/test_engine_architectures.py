@@ -8,7 +8,7 @@ equal the unscaled engine, a 400-token prompt (factor 2) must equal static YaRN 
 and logprob for logprob; the three together in one batch equal themselves alone within the float32
 isolation tolerance (see test_engine_fidelity.py). For Gemma 3 the oracle scales only the global layers,
 as its config does, so scaling a local layer too would show. An architecture without a fidelity test
-(GPT-NeoX) is served, with a warning that its fidelity is unproven.
+(Granite) is served, with a warning that its fidelity is unproven.
 
 The engines run in one process each (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: vLLM's in-process engine core
 and executor, the same scheduler, model runner and compiled model) so that they start in half the time;
@@ -110,18 +110,20 @@ def test_each_request_in_a_mixed_batch_equals_itself_alone(runs, arch):
 
 
 def test_an_unproven_architecture_is_served_with_a_warning(tmp_path):
+    """Granite (vLLM's own granite.py on every supported version, built on get_rope; no fidelity test): served,
+    after the start-up probe, at the scale its length needs."""
     import torch
     import transformers
 
-    folder = tmp_path / "neox"
-    config = transformers.GPTNeoXConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1,
-                                        num_attention_heads=2, vocab_size=512, max_position_embeddings=L,
-                                        rotary_pct=1.0, architectures=["GPTNeoXForCausalLM"])
+    folder = tmp_path / "granite"
+    config = transformers.GraniteConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=512,
+                                        max_position_embeddings=L, architectures=["GraniteForCausalLM"])
     torch.manual_seed(0)
-    transformers.GPTNeoXForCausalLM(config).save_pretrained(folder)
+    transformers.GraniteForCausalLM(config).save_pretrained(folder)
     dynamic = {"rope_parameters": {"rope_type": "dynamic_yarn", "rope_theta": 10000.0, "factor": 4.0,
                                    "original_max_position_embeddings": L}, "max_position_embeddings": MAX_MODEL_LEN}
     (result,), = run_offline(dataclasses.replace(_spec(str(folder), 0, dynamic),
                                                  extra={"enforce_eager": True, "skip_tokenizer_init": True}),
-                             [[Request(prompt_token_ids=[1, 2, 3], max_tokens=1)]], timeout=900)
-    assert len(result.token_ids) == 1
+                             [[Request(prompt_token_ids=list(range(3, 303)), max_tokens=1)]], timeout=900)
+    assert len(result.token_ids) == 1 and result.num_prompt_tokens == 300

@@ -19,8 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from rope_ext import default_buckets
-
 pytestmark = pytest.mark.engine
 
 CHILD = Path(__file__).with_name("engine_core_child.py")
@@ -85,15 +83,17 @@ def test_a_pinned_request_without_max_tokens_stops_at_its_bucket(admission_run):
     assert sum(admission_run["counters"]["past"]) == 0  # the workers' count of positions past a bucket
 
 
-def test_a_broken_hook_shows_in_the_counters_and_fails_the_gateways_check(model_dir, tmp_path):
-    """The runner's fill disabled (as a vLLM change that skipped it would): the scheduler still schedules
-    tokens at factor 2, the workers compute none at it, and the gateway's health check says so."""
-    from server.upstreams import rope_evidence
-
-    out = _child(model_dir, "broken", tmp_path)
-    at_2 = default_buckets(4.0).index(2.0)  # the slot of factor 2 among the default buckets
-    assert out["counters"]["scheduled"][at_2] == 1501 and out["counters"]["computed"][at_2] == 0
-    assert rope_evidence(out["metrics"]) == (1501, 0)
+def test_a_broken_hook_is_refused_at_start_up_by_the_probe(model_dir, tmp_path):
+    """The runner's fill disabled (as a vLLM change that skipped it would): the offsets stay at bucket 0, the
+    start-up probe's two requests (factors 1 and 4) come out the same, and the engine never starts. (Before
+    the probe, such an engine served at plain RoPE, and only its counters and the gateway's health check
+    showed it.)"""
+    env = {**os.environ, "ROPESERVE_METRICS_DIR": str(tmp_path / "metrics")}
+    result = subprocess.run([sys.executable, str(CHILD), model_dir, "broken"], capture_output=True, text=True,
+                            timeout=900, cwd=Path(__file__).resolve().parents[2], env=env)
+    assert "RESULT " not in result.stdout
+    assert "start-up probe: the same 64-token prompt at factor 1 and at factor 4 gave identical logprobs" in \
+        result.stdout + result.stderr
 
 
 def test_a_streaming_sessions_later_chunks_keep_its_scale(hasher_and_rope):
@@ -112,7 +112,9 @@ def test_a_streaming_sessions_later_chunks_keep_its_scale(hasher_and_rope):
                                  lora_request=None, cache_salt=None, data_parallel_rank=None, resumable=True)
 
     scheduler = types.SimpleNamespace(requests={}, _ropeserve=rope)
-    core = types.SimpleNamespace(scheduler=scheduler, mm_receiver_cache=None, request_block_hasher=hasher)
+    core = types.SimpleNamespace(scheduler=scheduler, mm_receiver_cache=None, request_block_hasher=hasher,
+                                 vllm_config=types.SimpleNamespace(watermark_config=None),  # read by 0.34
+                                 prefix_hash_config=None)
     first, _ = EngineCore.preprocess_add_request(core, chunk(100))
     calls.append(first.ropeserve.factor)
     scheduler.requests["session"] = first

@@ -13,8 +13,13 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from rope_ext.vllm_plugin.compat import IncompatibleVllmError, check, check_internals, internals  # noqa: E402
-from rope_ext.vllm_plugin.versions import SUPPORTED_VERSIONS, adapter, installed_version  # noqa: E402
+from rope_ext.vllm_plugin.compat import (
+    IncompatibleVllmError,
+    check,
+    check_internals,
+    internals,
+)
+from rope_ext.vllm_plugin.versions import SUPPORTED_VERSIONS, adapter, installed_version
 
 INTERNALS = internals()
 
@@ -66,6 +71,7 @@ def test_a_different_version_is_refused(monkeypatch):
 PATCHED = {
     "vllm.model_executor.layers.rotary_embedding:get_rope",
     "vllm.v1.engine.core:EngineCore.preprocess_add_request",
+    "vllm.v1.engine.core:EngineCore.__init__",
     "vllm.v1.engine.input_processor:InputProcessor.process_inputs",
     "vllm.v1.core.sched.scheduler:Scheduler.__init__",
     "vllm.v1.core.sched.scheduler:Scheduler.schedule",

@@ -103,7 +103,11 @@ def test_the_v2_runner_hook_is_installed_on_vllms_class_with_its_signature():
 
 
 def test_a_step_without_tokens_drops_the_finished_requests(runner):
-    from rope_ext.vllm_plugin.runner import execute_model_hook, layout_hook, read_input_batch
+    from rope_ext.vllm_plugin.runner import (
+        execute_model_hook,
+        layout_hook,
+        read_input_batch,
+    )
 
     batch = _input_batch(_v2_batches()[0], ["a"], [4], [0])
     layout_hook(lambda self, *args: batch, read_input_batch)(runner, _scheduler_output({"a": 2.0}))

@@ -12,7 +12,12 @@ one on the x86 test bed), whose ``prepare_inputs(scheduler_output, batch_req_sta
 from __future__ import annotations
 
 from rope_ext.vllm_plugin.compat import Internal
-from rope_ext.vllm_plugin.runner import V2_INTERNALS, V2_RUNNER, RunnerHook, read_input_batch
+from rope_ext.vllm_plugin.runner import (
+    V2_INTERNALS,
+    V2_RUNNER,
+    RunnerHook,
+    read_input_batch,
+)
 
 VERSIONS = ("0.34.0",)
 
