@@ -115,13 +115,17 @@ def test_a_pinned_request_past_its_bucket_is_refused_by_the_engine_and_the_gatew
     assert ours.json()["error"]["code"] == "context_length_exceeded"
 
 
-def test_a_pinned_request_without_max_tokens_stops_at_its_bucket(http, book_tokens):
-    response = http.post("/v1/completions", json={"model": MODEL, "prompt": book_tokens[:8185], "rope_factor": 1,
-                                                  "temperature": 0, "ignore_eos": True})
+def test_a_pinned_request_without_max_tokens_stops_at_its_bucket(http, book_tokens, tokenizer):
+    """A chat request without max_tokens (vLLM fills it with the rest of the context; a completion would get
+    OpenAI's default of 16) pinned at factor 1 stops at that bucket's capacity, L = 8192 tokens in all."""
+    text = tokenizer.decode(book_tokens[:8000])
+    response = http.post("/v1/chat/completions", json={"model": MODEL, "rope_factor": 1, "temperature": 0,
+                                                       "ignore_eos": True,
+                                                       "messages": [{"role": "user", "content": text}]})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["choices"][0]["finish_reason"] == "length"
-    assert body["usage"]["completion_tokens"] == 7 and body["usage"]["total_tokens"] == 8192
+    assert body["usage"]["total_tokens"] == 8192 and body["usage"]["completion_tokens"] > 0
     assert response.headers["x-rope-factor"] == response.headers["x-rope-factor-final"] == "1"
 
 
