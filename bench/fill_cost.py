@@ -45,29 +45,49 @@ def _timed(owner, name: str, samples: list[float]) -> None:
     setattr(owner, name, wrapper)
 
 
+def _runner_classes(version) -> list[type]:
+    """The model runner classes of this vLLM's adapter that define their own ``execute_model`` (one of them
+    runs the engine; a runner that cannot be imported here, such as the V2 runner without Triton, cannot)."""
+    import importlib
+
+    classes = []
+    for hook in version.RUNNERS:
+        module, name = hook.target.split(":")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except ImportError:
+            continue
+        if "execute_model" in vars(cls):
+            classes.append(cls)
+    return classes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--running", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--eager", action="store_true", help="vLLM's eager mode instead of compiled")
+    parser.add_argument("--dtype", default="bfloat16", help="float32 where bf16 is slow")
     args = parser.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
+    import vllm
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from rope_ext.vllm_plugin.runner import RunnerRope
     from rope_ext.vllm_plugin.scheduler import SchedulerRope
+    from rope_ext.vllm_plugin.versions import adapter
     from server.default_model import prepare
 
     samples: dict[str, list[float]] = collections.defaultdict(list)
     for owner, name, key in ((RunnerRope, "apply", "fill"), (RunnerRope, "fill", "fill"),
                              (SchedulerRope, "grow", "scheduler"), (SchedulerRope, "annotate", "scheduler"),
-                             (GPUModelRunner, "execute_model", "step")):
+                             *((runner, "execute_model", "step") for runner in _runner_classes(adapter()))):
         _timed(owner, name, samples[f"{key}:{name}"])
-    llm = LLM(model=str(prepare()), dtype="bfloat16", max_model_len=int(L * MAX_FACTOR), hf_overrides=PLUGIN,
+    print(f"vLLM {vllm.__version__}, {args.dtype}, {'eager' if args.eager else 'compiled'}")
+    llm = LLM(model=str(prepare()), dtype=args.dtype, max_model_len=int(L * MAX_FACTOR), hf_overrides=PLUGIN,
               enforce_eager=args.eager, max_num_seqs=max(args.running), enable_prefix_caching=False)
     factors = (1, 2, 4)
     print(f"{'running':>8} {'steps':>6} {'step us':>10} {'fill us':>9} {'sched us':>9} {'fill/step':>10} "

@@ -78,11 +78,11 @@ async def run_workload(url: str, prompts: list[list[int]], max_tokens: int) -> d
             "ttft_mean_s": statistics.mean(ttfts), "ttft_p50_s": statistics.median(ttfts)}
 
 
-async def bench_engine(model_dir: str, overrides: dict, prompts, max_tokens: int, kv_gib: int) -> dict:
+async def bench_engine(model_dir: str, overrides: dict, prompts, max_tokens: int, kv_gib: int, dtype: str) -> dict:
     port = free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
                "--served-model-name", "m", "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
-               "--dtype", "bfloat16", "--max-model-len", str(int(L * MAX_FACTOR)),
+               "--dtype", dtype, "--max-model-len", str(int(L * MAX_FACTOR)),
                "--hf-overrides", json.dumps(overrides)]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
     async with EngineProcess(command, url=f"http://127.0.0.1:{port}", env=env, max_restarts=0):
@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kv-gib", type=int, default=8)
+    parser.add_argument("--dtype", default="bfloat16", help="both engines' dtype (float32 where bf16 is slow)")
     args = parser.parse_args()
     if args.quick:
         args.requests, args.max_long = 8, 12288
@@ -118,10 +119,12 @@ def main() -> None:
     text = (REPO.parent / "shared" / "data" / "books" / "katrine.txt").read_text(encoding="utf-8")
     tokens = AutoTokenizer.from_pretrained(model_dir)(text, add_special_tokens=False).input_ids
     prompts = workload(tokens, args.requests, args.max_long, args.seed)
-    print(f"workload: {len(prompts)} requests, prompt tokens {sum(map(len, prompts))}, "
+    import vllm
+
+    print(f"vLLM {vllm.__version__}, {args.dtype}, eager; workload: {len(prompts)} requests, prompt tokens {sum(map(len, prompts))}, "
           f"{args.max_tokens} new tokens each")
-    stock = asyncio.run(bench_engine(model_dir, STATIC_YARN, prompts, args.max_tokens, args.kv_gib))
-    plugin = asyncio.run(bench_engine(model_dir, PLUGIN, prompts, args.max_tokens, args.kv_gib))
+    stock = asyncio.run(bench_engine(model_dir, STATIC_YARN, prompts, args.max_tokens, args.kv_gib, args.dtype))
+    plugin = asyncio.run(bench_engine(model_dir, PLUGIN, prompts, args.max_tokens, args.kv_gib, args.dtype))
     print(f"{'':24}{'stock static YaRN x8':>22}{'plugin':>12}{'ratio':>10}")
     for key in ("output_tok_s", "ttft_mean_s", "ttft_p50_s", "wall_s"):
         print(f"{key:24}{stock[key]:>22.3f}{plugin[key]:>12.3f}{plugin[key] / stock[key]:>10.3f}")

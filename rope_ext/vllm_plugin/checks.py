@@ -162,9 +162,19 @@ def check_runner(worker) -> None:
     if any((m.scaling.buckets, m.rows_per_bucket) != (first.scaling.buckets, first.rows_per_bucket) for m in ours):
         _refuse("the model's dynamic rotary modules disagree on their buckets", "Give every layer type the same "
                 "factor, buckets and original context.")
-    runner._ropeserve = RunnerRope(ours, runner.device)
+    runner._ropeserve = RunnerRope(ours, runner.device, counts=_first_rank())
     logger.info("ropeserve: %d per-request rotary module(s) in %s; buckets %s", len(ours),
                 ", ".join(sorted(architectures)), list(first.scaling.buckets))
+
+
+def _first_rank() -> bool:
+    """Whether this worker is the first of its engine's tensor- and pipeline-parallel ranks (every rank runs
+    every step: the first one counts the tokens). Without parallel groups there is one rank."""
+    from vllm.distributed.parallel_state import get_pp_group, get_tp_group, model_parallel_is_initialized
+
+    if not model_parallel_is_initialized():
+        return True
+    return get_tp_group().rank_in_group == 0 and get_pp_group().rank_in_group == 0
 
 
 def patch_worker() -> None:

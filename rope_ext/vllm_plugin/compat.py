@@ -61,6 +61,10 @@ SHARED_INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.model_executor.layers.rotary_embedding.base:RotaryEmbeddingBase",
              "checks: every rotary module of a dynamic model is the plugin's or a plain one"),
     Internal("vllm.config:get_current_vllm_config", "the served context and batch size of the table"),
+    *(Internal(f"vllm.distributed.parallel_state:{name}", "checks: the first tensor/pipeline rank counts tokens")
+      for name in ("get_tp_group", "get_pp_group", "model_parallel_is_initialized")),
+    Internal("vllm.distributed.parallel_state:GroupCoordinator.__init__", "checks: the rank in its group",
+             attrs=("rank_in_group",)),
     Internal("vllm.config.scheduler:SchedulerConfig", "table and offsets sizes",
              fields=("max_num_batched_tokens", "max_num_seqs")),
     # admission in the engine core (admission.py)

@@ -42,7 +42,7 @@ class MissingFactorError(RuntimeError):
 class RunnerRope:
     """Per model runner: the rotary modules, their shared offsets buffer, and each live request's bucket."""
 
-    def __init__(self, modules: list[PerRequestRotaryEmbedding], device: torch.device) -> None:
+    def __init__(self, modules: list[PerRequestRotaryEmbedding], device: torch.device, *, counts: bool = True) -> None:
         first = modules[0]
         self.modules = modules
         self.scaling = first.scaling
@@ -60,6 +60,8 @@ class RunnerRope:
             self.host = self.staging.numpy()
         else:
             self.host = buffer.numpy()
+        # Every rank of a tensor- or pipeline-parallel engine runs every step; one of them counts (``counts``).
+        self.counts = counts
         self.computed = stats.counters(stats.COMPUTED)
         self.past = stats.counters(stats.PAST)
         self.capacity = np.array([self.scaling.capacity(b) for b in self.scaling.buckets], dtype=np.int64)
@@ -111,6 +113,8 @@ class RunnerRope:
         self.host[:n] = per_token
         if self.staging is not None:
             self.buffer[:n].copy_(self.staging[:n], non_blocking=True)
+        if not self.counts:
+            return
         n_buckets = len(self.scaling.buckets)
         self.computed.add_all(np.bincount(buckets, weights=counts, minlength=n_buckets).astype(np.int64))
         past = np.minimum(counts, np.maximum(num_computed_tokens[: len(req_ids)] + counts - self.capacity[buckets], 0))

@@ -5,6 +5,7 @@ hook broken on purpose. Prints one JSON object::
     python tests/plugin/engine_core_child.py MODEL_DIR admission    # API path vs the engine core directly,
                                                                     # and pinned requests fit their bucket
     python tests/plugin/engine_core_child.py MODEL_DIR broken       # the runner's fill disabled
+    python tests/plugin/engine_core_child.py MODEL_DIR bypassed     # the rotary modules ignore the offsets
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ def main(model: str, what: str) -> None:
     SchedulerRope.added = added
     if what == "broken":
         RunnerRope.fill = lambda self, *args: None  # a vLLM change that skips the plugin's fill, simulated
+    if what == "bypassed":  # a fused kernel that reads the table at the raw positions, simulated
+        from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+
+        from rope_ext.vllm_plugin.rotary import PerRequestRotaryEmbedding
+
+        for name in ("forward_native", "forward_cpu"):
+            setattr(PerRequestRotaryEmbedding, name, getattr(RotaryEmbedding, name))
     llm = LLM(model=model, dtype="float32", max_model_len=4 * L, hf_overrides=OVERRIDES, enforce_eager=True,
               max_num_seqs=4)
     prompt = [(7 * i) % 30000 + 100 for i in range(1500)]  # past L: factor 2

@@ -10,6 +10,12 @@ isolation tolerance (see test_engine_fidelity.py). For Gemma 3 the oracle scales
 as its config does, so scaling a local layer too would show. An architecture without a fidelity test
 (Granite) is served, with a warning that its fidelity is unproven.
 
+Tensor parallelism: the Qwen2 plugin engine, eager, with ``tensor_parallel_size`` 1 and 2 (vLLM's
+multiprocessing executor, one worker per core; each rank holds one of the two attention heads and its own rotary modules
+and offsets buffer) runs the same mixed batch (factors 1, 1 and 2 in one step, plus a short prompt forced
+to 4): each request equals the TP 1 engine's within the isolation tolerance (the sums of a row-parallel
+layer are split across ranks and added in another order).
+
 The engines run in one process each (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: vLLM's in-process engine core
 and executor, the same scheduler, model runner and compiled model) so that they start in half the time;
 the default model's fidelity (test_engine_fidelity.py) runs vLLM's default process layout. Two engines
@@ -60,8 +66,12 @@ def _jobs(arch: str, folder: str):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    folders = {arch: str(build(arch, tmp_path_factory.mktemp(arch) / "model")) for arch in ARCHITECTURES}
+def folders(tmp_path_factory):
+    return {arch: str(build(arch, tmp_path_factory.mktemp(arch) / "model")) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="module")
+def runs(folders):
     work = [(arch, name, make, batches) for arch in ARCHITECTURES
             for name, (make, batches) in _jobs(arch, folders[arch]).items()]
     results: dict[str, dict[str, list]] = {arch: {} for arch in ARCHITECTURES}
@@ -75,6 +85,25 @@ def runs(tmp_path_factory):
 
 def _run(make, batches, core: int):
     return run_offline(make(core), batches, timeout=1500)
+
+
+TP_ARCH = "Qwen2ForCausalLM"
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel(folders):
+    """The mixed batch plus a short prompt forced to the largest bucket, on the TP 1 and TP 2 plugin engines,
+    one after the other (the TP 2 engine takes both cores; its test comes last, after ``runs``)."""
+    shorts_and_long = [b[0] for b in _jobs(TP_ARCH, folders[TP_ARCH])["plugin"][1][:-1]]
+    batch = [dataclasses.replace(r, cache_salt="tp") for r in shorts_and_long]
+    batch.append(dataclasses.replace(batch[0], extra_args={"rope_factor": 4}, cache_salt="tp-4"))
+    spec = dataclasses.replace(_spec(folders[TP_ARCH], 0, rope_parameters(TP_ARCH, "dynamic_yarn", 4.0)),
+                               extra={"enforce_eager": True, "skip_tokenizer_init": True})  # eager: shorter starts
+    tp2 = dataclasses.replace(spec, env={**spec.env, "VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+                              extra={**spec.extra, "tensor_parallel_size": 2, "distributed_executor_backend": "mp"})
+    (one,), counters = run_offline(spec, [batch], timeout=1500, counters=True)
+    (two,), counters2 = run_offline(tp2, [batch], timeout=1500, counters=True)
+    return {"tp1": one, "tp2": two, "counters": [counters, counters2]}
 
 
 def _exact(a, b) -> bool:
@@ -127,3 +156,14 @@ def test_an_unproven_architecture_is_served_with_a_warning(tmp_path):
                                                  extra={"enforce_eager": True, "skip_tokenizer_init": True}),
                              [[Request(prompt_token_ids=list(range(3, 303)), max_tokens=1)]], timeout=900)
     assert len(result.token_ids) == 1 and result.num_prompt_tokens == 300
+
+
+def test_tensor_parallel_2_equals_tensor_parallel_1_with_mixed_scales_in_a_batch(tensor_parallel):
+    one, two = tensor_parallel["tp1"], tensor_parallel["tp2"]
+    assert [r.num_prompt_tokens for r in two] == [*SHORT_LENGTHS, LONG_LENGTH, SHORT_LENGTHS[0]]
+    assert all(_close(a, b) for a, b in zip(two, one))
+    # the forced request really ran at another scale than the same prompt at factor 1, on both engines
+    assert one[-1].logprobs != one[0].logprobs and two[-1].logprobs != two[0].logprobs
+    # both engines counted the same computed tokens at each bucket (the probe's included)
+    tp1_counts, tp2_counts = tensor_parallel["counters"]
+    assert tp1_counts["computed"] == tp2_counts["computed"]

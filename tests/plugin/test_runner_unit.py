@@ -114,3 +114,15 @@ def test_the_collector_is_silent_until_a_dynamic_model_records_its_buckets(tmp_p
     from rope_ext.vllm_plugin import stats
 
     assert list(stats.RopeCollector(tmp_path).collect()) == []
+
+
+def test_a_rank_that_does_not_count_still_fills(state):
+    """Every rank of a tensor-parallel engine runs the step; only the first counts (checks._first_rank)."""
+    from rope_ext.vllm_plugin import stats
+
+    state.counts = False
+    state.apply(None, _step({"a": 2.0}))
+    state.fill(["a"], np.array([3]), np.array([600]))
+    assert state.buffer[:3].tolist() == [SCALING.max_context] * 3
+    counted = stats.read_counters()
+    assert not counted[stats.COMPUTED].any() and not counted[stats.PAST].any()
