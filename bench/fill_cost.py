@@ -50,13 +50,10 @@ def _timed(owner, name: str, samples: list[float]) -> None:
 def _runner_classes(version) -> list[type]:
     """The model runner classes of this vLLM's adapter that define their own ``execute_model`` (one of them
     runs the engine; a runner that cannot be imported here, such as the V2 runner without Triton, cannot)."""
-    import importlib
-
     classes = []
     for hook in version.RUNNERS:
-        module, name = hook.target.split(":")
         try:
-            cls = getattr(importlib.import_module(module), name)
+            cls = hook.runner_class()
         except ImportError:
             continue
         if "execute_model" in vars(cls):

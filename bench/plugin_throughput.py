@@ -121,8 +121,8 @@ def main() -> None:
     prompts = workload(tokens, args.requests, args.max_long, args.seed)
     import vllm
 
-    print(f"vLLM {vllm.__version__}, {args.dtype}, eager; workload: {len(prompts)} requests, prompt tokens {sum(map(len, prompts))}, "
-          f"{args.max_tokens} new tokens each")
+    print(f"vLLM {vllm.__version__}, {args.dtype}, eager; workload: {len(prompts)} requests, "
+          f"prompt tokens {sum(map(len, prompts))}, {args.max_tokens} new tokens each")
     stock = asyncio.run(bench_engine(model_dir, STATIC_YARN, prompts, args.max_tokens, args.kv_gib, args.dtype))
     plugin = asyncio.run(bench_engine(model_dir, PLUGIN, prompts, args.max_tokens, args.kv_gib, args.dtype))
     print(f"{'':24}{'stock static YaRN x8':>22}{'plugin':>12}{'ratio':>10}")
