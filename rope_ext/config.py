@@ -2,7 +2,7 @@
 
 ``RotaryConfig`` describes the model's rotary embedding (rotary dim, base); ``RopeScaling`` describes how
 it is extended (method, original context L, maximum factor, buckets, the paper's knobs and the
-per-request policy settings). Both validate in ``__post_init__`` and raise :class:`RopeConfigError`
+per-request policy settings; for LongRoPE, the model's two lists of per-pair factors). Both validate in ``__post_init__`` and raise :class:`RopeConfigError`
 naming the field and its allowed range. ``RopeScaling.from_rope_parameters`` reads a Hugging Face /
 vLLM ``rope_parameters`` dict.
 """
@@ -98,6 +98,12 @@ class RopeScaling:
     length needs when it outgrows one (its cached tokens recomputed at the new scale, or its cached keys
     re-rotated, ``rope_ext.rerotate``); ``"reserve"`` sizes its bucket for prompt plus generation up front
     and keeps it. See :mod:`rope_ext.policy`. The rest are the paper's and transformers' knobs.
+
+    LongRoPE (``method="longrope"``, Phi-3/3.5/4-mini) has two tables, not a family of scales: the
+    ``short_factor`` list for lengths up to L and the ``long_factor`` list past it, each with its magnitude
+    (``short_mscale``/``long_mscale``, default ``sqrt(1 + ln(max_factor) / ln(L))`` as vLLM computes it).
+    Its buckets are exactly ``(1, max_factor)`` with ``max_factor = max_position_embeddings / L``: bucket 1
+    names the short-factor table, ``max_factor`` the long-factor one.
     """
 
     method: str = "dynamic_yarn"
@@ -116,6 +122,10 @@ class RopeScaling:
     truncate: bool = True
     growth: str = DEFAULT_GROWTH
     headroom: float = DEFAULT_HEADROOM
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
+    short_mscale: float | None = None
+    long_mscale: float | None = None
 
     def __post_init__(self) -> None:
         from rope_ext.methods import METHODS  # local: methods imports this module
@@ -130,7 +140,7 @@ class RopeScaling:
         for name in ("max_factor", "finetuned_factor", "beta_fast", "beta_slow", "extrapolation_factor",
                      "attn_factor", "headroom"):
             _check_finite(name, getattr(self, name))
-        for name in ("mscale", "mscale_all_dim", "attention_factor"):
+        for name in ("mscale", "mscale_all_dim", "attention_factor", "short_mscale", "long_mscale"):
             _check_finite(name, getattr(self, name), optional=True)
         if self.max_factor < 1:
             raise RopeConfigError("max_factor", f"must be >= 1 (got {self.max_factor})")
@@ -160,7 +170,8 @@ class RopeScaling:
             raise RopeConfigError("generation_reserve", f"must be an integer >= 0 (got {reserve!r})")
         if self.growth not in GROWTH_MODES:
             raise RopeConfigError("growth", f"must be one of {', '.join(GROWTH_MODES)} (got {self.growth!r})")
-        buckets = default_buckets(self.max_factor) if self.buckets is None else tuple(self.buckets)
+        self._check_longrope()
+        buckets = self._default_buckets() if self.buckets is None else tuple(self.buckets)
         for value in buckets:
             _check_finite("buckets", value)
         if not buckets or buckets != tuple(sorted(set(buckets))):
@@ -170,6 +181,41 @@ class RopeScaling:
                 "buckets", f"must start at 1 and end at max_factor={self.max_factor} (got {list(buckets)})"
             )
         object.__setattr__(self, "buckets", tuple(float(b) for b in buckets))
+        if self.method == "longrope" and self.buckets != self._default_buckets():
+            raise RopeConfigError("buckets", "LongRoPE has two tables, short and long: its buckets are exactly "
+                                  f"{list(self._default_buckets())} (got {list(self.buckets)})")
+
+    def _default_buckets(self) -> tuple[float, ...]:
+        if self.method == "longrope":
+            return (1.0,) if self.max_factor == 1 else (1.0, float(self.max_factor))
+        return default_buckets(self.max_factor)
+
+    def _check_longrope(self) -> None:
+        """The LongRoPE lists, where given: non-empty, equal lengths, finite and > 0; stored as tuples. (The
+        method itself requires them and checks their length against the rotary dim.)"""
+        lengths = set()
+        for name in ("short_factor", "long_factor"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+                raise RopeConfigError(name, f"must be a list of numbers (got {value!r})")
+            value = tuple(value)
+            for x in value:
+                _check_finite(name, x)
+                if x <= 0:
+                    raise RopeConfigError(name, f"must be a list of numbers > 0 (got {x!r})")
+            if not value:
+                raise RopeConfigError(name, "must not be empty")
+            lengths.add(len(value))
+            object.__setattr__(self, name, tuple(float(x) for x in value))
+        if len(lengths) > 1:
+            raise RopeConfigError("long_factor", "must have as many entries as short_factor "
+                                  f"(got {len(self.long_factor)} and {len(self.short_factor)})")
+        for name in ("short_mscale", "long_mscale"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise RopeConfigError(name, f"must be > 0 (got {value})")
 
     @property
     def max_context(self) -> int:
@@ -188,7 +234,9 @@ class RopeScaling:
         ``rope_type`` is the method; ``factor`` the maximum factor; ``original_max_position_embeddings``
         is L (falling back to ``max_position_embeddings``). Our keys: ``buckets``,
         ``generation_reserve``, ``finetuned_factor``, ``extrapolation_factor``, ``attn_factor``, ``growth``,
-        ``headroom``.
+        ``headroom``. For ``longrope`` the maximum factor is ``max_position_embeddings / L`` (the context
+        vLLM serves; a ``factor`` key only sets transformers' attention factor, which vLLM ignores), and
+        ``short_factor``, ``long_factor``, ``short_mscale`` and ``long_mscale`` are read.
         """
         L = params.get("original_max_position_embeddings", max_position_embeddings)
         if L is None:
@@ -198,9 +246,14 @@ class RopeScaling:
             "original_max_position": L,
             "max_factor": params.get("factor", 1.0),
         }
+        if kwargs["method"] == "longrope":
+            if max_position_embeddings is None:
+                raise RopeConfigError("max_position_embeddings", "is required for longrope (the served context)")
+            kwargs["max_factor"] = max_position_embeddings / L
         for key in ("generation_reserve", "finetuned_factor", "beta_fast", "beta_slow",
                     "extrapolation_factor", "attn_factor", "mscale", "mscale_all_dim",
-                    "attention_factor", "truncate", "growth", "headroom"):
+                    "attention_factor", "truncate", "growth", "headroom", "short_factor", "long_factor",
+                    "short_mscale", "long_mscale"):
             if params.get(key) is not None:
                 kwargs[key] = params[key]
         if params.get("buckets") is not None:

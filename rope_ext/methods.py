@@ -13,6 +13,10 @@ dim d, base b, original context L, scale s (``factor``), current length l (``seq
   DeepSeek's ``mscale``/``mscale_all_dim`` ratio or an explicit ``attention_factor`` override it).
 - ``dynamic_yarn`` / ``dynamic_linear``: the static method at ``s = max(factor, l/L)``; ``factor`` acts
   as the floor (a model fine-tuned at s_ft never runs below it).
+- ``longrope`` (Phi-3): per-pair factors ``inv_freq_i / f_i`` from the short list for lengths up to L and
+  the long list past it, cos and sin times the list's magnitude (``sqrt(1 + ln(M/L) / ln L)`` by default,
+  M the served context). The length is l when given (transformers' per-forward switch), else the bucket's
+  capacity ``floor(L*s)``: bucket 1 is the short table, every larger one the long table.
 
 Arithmetic follows vLLM 0.32.0 (``base ** (arange/d)``, the same blend order), so tables built from these
 frequencies equal vLLM's bit for bit in float32.
@@ -148,6 +152,32 @@ def yarn(rotary: RotaryConfig, scaling: RopeScaling, factor: float,
     return RopeFrequencies(_by_parts_inv_freq(rotary, scaling, factor), yarn_attention_factor(scaling, factor))
 
 
+def longrope_attention_factor(scaling: RopeScaling, long: bool) -> float:
+    """The magnitude of LongRoPE's short or long table: the configured ``short_mscale``/``long_mscale``,
+    else ``sqrt(1 + ln(max_factor) / ln(L))`` (1 when nothing is extended), as vLLM's
+    ``Phi3LongRoPEScaledRotaryEmbedding`` computes it."""
+    configured = scaling.long_mscale if long else scaling.short_mscale
+    if configured is not None:
+        return float(configured)
+    if scaling.max_factor <= 1:
+        return 1.0
+    return math.sqrt(1 + math.log(scaling.max_factor) / math.log(scaling.original_max_position))
+
+
+def longrope(rotary: RotaryConfig, scaling: RopeScaling, factor: float,
+             seq_len: int | None = None) -> RopeFrequencies:
+    """LongRoPE: the short-factor frequencies up to L, the long-factor ones past it."""
+    length = scaling.capacity(factor) if seq_len is None else seq_len
+    long = length > scaling.original_max_position
+    name = "long_factor" if long else "short_factor"
+    factors = getattr(scaling, name)
+    if factors is None or len(factors) != rotary.rotary_dim // 2:
+        raise RopeConfigError(name, f"longrope needs {rotary.rotary_dim // 2} factors (rotary_dim / 2) "
+                              f"(got {None if factors is None else len(factors)})")
+    inv_freq = 1.0 / (torch.tensor(factors, dtype=torch.float32) * _base_powers(rotary, rotary.base))
+    return RopeFrequencies(inv_freq, longrope_attention_factor(scaling, long))
+
+
 def _dynamic_scale(scaling: RopeScaling, factor: float, seq_len: int | None) -> float:
     if seq_len is None:
         return factor
@@ -175,6 +205,7 @@ METHODS: dict[str, MethodFn] = {
     "yarn": yarn,
     "dynamic_yarn": dynamic_yarn,
     "dynamic_linear": dynamic_linear,
+    "longrope": longrope,
 }
 
 # What a bucket of scale s holds for each method (see the module docstring).

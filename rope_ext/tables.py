@@ -32,8 +32,9 @@ def cos_sin_rows(frequencies: RopeFrequencies, num_rows: int) -> torch.Tensor:
 def bucket_frequencies(rotary: RotaryConfig, scaling: RopeScaling, factor: float) -> RopeFrequencies:
     """The frequencies of a bucket: plain RoPE (attention factor exactly 1) at s = 1, else the method's
     static equivalent at s. At s = 1 YaRN's blend would round differently from plain RoPE, and a request
-    at or below L must be computed exactly as the unscaled model."""
-    if factor == 1:
+    at or below L must be computed exactly as the unscaled model. LongRoPE's bucket 1 is its own
+    short-factor table: the model at its original context."""
+    if factor == 1 and scaling.method != "longrope":
         return default(rotary, scaling)
     return compute_frequencies(bucket_method(scaling.method), rotary, scaling, factor)
 

@@ -9,7 +9,8 @@ dynamic rope type, e.g. for a Llama with an 8k training context served up to 64k
       '{"rope_parameters": {"rope_type": "dynamic_yarn", "rope_theta": 100000.0, "factor": 8.0,
                             "original_max_position_embeddings": 8192}}'
 
-or set ``ROPESERVE_DYNAMIC_ROPE=1`` to make a model whose own config says ``yarn`` dynamic. A request
+or set ``ROPESERVE_DYNAMIC_ROPE=1`` to make a model whose own config says ``yarn`` (Qwen-style) or
+``longrope`` (Phi-3: short factors up to the original context, long ones past it) dynamic. A request
 may ask for a factor with ``vllm_xargs={"rope_factor": 4}``.
 
 On a vLLM version the plugin does not support it stays inert (one warning) and refuses, at start-up,
@@ -79,7 +80,7 @@ def refuse_dynamic_models() -> None:
     """On an unsupported vLLM: a model whose RoPE parameters ask for the plugin (a dynamic rope type, or
     ``yarn`` with the switch on) is refused when its layers build their rotary embeddings; any other model
     is vLLM's alone. Where vLLM has no ``get_rope`` to watch, the switch itself is refused."""
-    from rope_ext.vllm_plugin.config import SWITCH_ENV, yarn_switch_enabled
+    from rope_ext.vllm_plugin.config import SWITCH_ENV, switch_enabled
     from rope_ext.vllm_plugin.versions import SUPPORTED_VERSIONS, installed_version
 
     message = (f"ropeserve's per-request RoPE scaling needs vLLM {', '.join(SUPPORTED_VERSIONS)}, and vLLM "
@@ -91,7 +92,7 @@ def refuse_dynamic_models() -> None:
         rotary_embedding = None
     original = getattr(rotary_embedding, "get_rope", None)
     if original is None:
-        if yarn_switch_enabled():
+        if switch_enabled():
             raise UnsupportedVllmError(message)
         return
 
@@ -127,7 +128,7 @@ def _rebind_get_rope(rotary_embedding, original, replacement) -> None:
 
 
 def patch_get_rope() -> None:
-    """Make ``get_rope`` build a PerRequestRotaryEmbedding for models that ask for dynamic scaling.
+    """Make ``get_rope`` build a per-request rotary module (:mod:`.rotary`) for models that ask for it.
 
     Model files bind ``get_rope`` at import time, so modules already imported are rebound too."""
     from vllm.model_executor.layers import rotary_embedding
@@ -162,7 +163,7 @@ def _build_rotary(cache, head_size, max_position, is_neox_style, rope_parameters
     import torch
     from vllm.config import get_current_vllm_config
 
-    from rope_ext.vllm_plugin.rotary import PerRequestRotaryEmbedding
+    from rope_ext.vllm_plugin.rotary import PerRequestLongRope, PerRequestRotaryEmbedding
 
     dtype = dtype or torch.get_default_dtype()
     rotary_dim = rope_parameters.get("rope_dim") or int(
@@ -177,7 +178,8 @@ def _build_rotary(cache, head_size, max_position, is_neox_style, rope_parameters
     # (Gemma 3's local and global layers) get tables of their own.
     key = (head_size, rotary_dim, base, is_neox_style, scaling, dtype, rows_per_bucket, max_num_tokens)
     if key not in cache:
-        cache[key] = PerRequestRotaryEmbedding(
+        module_class = PerRequestLongRope if scaling.method == "longrope" else PerRequestRotaryEmbedding
+        cache[key] = module_class(
             head_size, rotary_dim, base, is_neox_style, dtype,
             scaling=scaling, rows_per_bucket=rows_per_bucket, max_num_tokens=max_num_tokens)
         logger.info("ropeserve: per-request %s, L=%d, base %g, buckets %s, %d rows per bucket", scaling.method,

@@ -7,8 +7,9 @@ every request runs with plain RoPE. So when a worker loads a dynamic model (``Wo
 - the model runner actually running is one the installed vLLM's adapter hooks (:mod:`.versions`: V1 and
   V2 on 0.32/0.33, V2 and the standalone CPU runner on 0.34), with the plugin's hooks in place (a runner
   subclass that overrides them is refused);
-- the switch (``ROPESERVE_DYNAMIC_ROPE=1``) is on only for a model the plugin serves per request (a
-  ``longrope`` or plain model would otherwise run at its own scale while the operator asked for dynamic);
+- the switch (``ROPESERVE_DYNAMIC_ROPE=1``) is on only for a model the plugin serves per request (``yarn``
+  or ``longrope``: a ``llama3`` or plain model would otherwise run at its own scale while the operator
+  asked for dynamic);
 - every rotary module of the model is the plugin's, or a plain one built for layers the model's config
   does not scale (Gemma 3's sliding-window layers); a rotary module built any other way is refused;
 - no enabled feature bypasses the per-token offsets: micro-batching (``--enable-dbo`` or ``--ubatch-size``
@@ -61,8 +62,9 @@ def check_setup(worker):
     docstring). Returns the model's scaling, or None when the model is not dynamic."""
     from rope_ext.vllm_plugin.config import (
         SWITCH_ENV,
+        SWITCHED_ROPE_TYPES,
         scaling_for_model,
-        yarn_switch_enabled,
+        switch_enabled,
     )
     from rope_ext.vllm_plugin.versions import adapter
 
@@ -70,10 +72,11 @@ def check_setup(worker):
     config = worker.vllm_config
     scaling = scaling_for_model(config.model_config)
     if scaling is None:
-        if yarn_switch_enabled():
+        if switch_enabled():
             rope_type = _rope_types(config.model_config)
             _refuse(f"{SWITCH_ENV}=1 is set, and the model's rope type ({rope_type}) is not one the plugin serves "
-                    "per request (yarn), so every request would run at the model's own scale",
+                    f"per request ({', '.join(SWITCHED_ROPE_TYPES)}), so every request would run at the model's own "
+                    "scale",
                     f"Unset {SWITCH_ENV} to serve this model as vLLM does.")
         return None
     hook = runner_hook(runner, adapter().RUNNERS)
@@ -140,19 +143,23 @@ def check_runner(worker) -> None:
     On success the runner gets its :class:`~rope_ext.vllm_plugin.runner.RunnerRope`. (Runs
     :func:`check_setup` first; a no-op for models that are not dynamic.)"""
     from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
+    from vllm.model_executor.layers.rotary_embedding.phi3_long_rope_scaled_rope import (
+        Phi3LongRoPEScaledRotaryEmbedding,
+    )
 
-    from rope_ext.vllm_plugin.rotary import PerRequestRotaryEmbedding
+    from rope_ext.vllm_plugin.rotary import PerRequestRows
     from rope_ext.vllm_plugin.runner import RunnerRope
 
     if check_setup(worker) is None:
         return
     runner = worker.model_runner
     architectures = set(worker.vllm_config.model_config.architectures or ())
-    ours: list[PerRequestRotaryEmbedding] = []
+    ours: list[PerRequestRows] = []
+    stock_rotary = (RotaryEmbeddingBase, Phi3LongRoPEScaledRotaryEmbedding)  # the latter is a plain nn.Module
     for name, module in runner.get_model().named_modules(remove_duplicate=True):
-        if isinstance(module, PerRequestRotaryEmbedding):
+        if isinstance(module, PerRequestRows):
             ours.append(module)
-        elif isinstance(module, RotaryEmbeddingBase) and module not in PLAIN_ROTARY_MODULES:
+        elif isinstance(module, stock_rotary) and module not in PLAIN_ROTARY_MODULES:
             _refuse(f"the rotary module {name} ({type(module).__qualname__}) was not built by get_rope for the "
                     "layers the model leaves unscaled", "This architecture is not supported.")
     if not ours:

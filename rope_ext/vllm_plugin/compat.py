@@ -34,8 +34,9 @@ class Internal:
     """One thing the plugin touches: ``module:qualname`` and how it must look.
 
     ``params``: the leading parameter names of a callable (``self`` excluded); ``fields``: dataclass or
-    msgspec fields that must exist; ``attrs``: attributes an instance sets in ``__init__`` (read from the
-    source of ``__init__``, since instances are not built here); ``use``: where the plugin touches it."""
+    msgspec fields that must exist; ``attrs``: attributes an instance sets in ``__init__``, or a method
+    reads (found as ``self.<name>`` in the target's source, since instances are not built here); ``use``:
+    where the plugin touches it."""
 
     target: str
     use: str
@@ -60,6 +61,12 @@ SHARED_INTERNALS: tuple[Internal, ...] = (
       for name in ("forward_native", "forward_cpu", "forward_cuda", "forward_hip", "forward_xpu")),
     Internal("vllm.model_executor.layers.rotary_embedding.base:RotaryEmbeddingBase",
              "checks: every rotary module of a dynamic model is the plugin's or a plain one"),
+    Internal("vllm.model_executor.layers.rotary_embedding.phi3_long_rope_scaled_rope:"
+             "Phi3LongRoPEScaledRotaryEmbedding.forward", "subclassed (LongRoPE) without its __init__: called with "
+             "the per-token row offsets as its offsets, reading the attributes the subclass sets",
+             params=("positions", "query", "key", "offsets"),
+             attrs=("head_size", "rotary_dim", "original_max_position_embeddings", "use_long_rope",
+                    "long_short_cos_sin_cache")),
     Internal("vllm.config:get_current_vllm_config", "the served context and batch size of the table"),
     *(Internal(f"vllm.distributed.parallel_state:{name}", "checks: the first tensor/pipeline rank counts tokens")
       for name in ("get_tp_group", "get_pp_group", "model_parallel_is_initialized")),

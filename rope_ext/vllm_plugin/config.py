@@ -3,7 +3,9 @@
 The plugin acts on a model whose ``rope_parameters`` say ``rope_type`` ``dynamic_yarn``,
 ``dynamic_ntk`` or ``dynamic_linear`` (set them with ``--hf-overrides``), or, when the environment
 variable ``ROPESERVE_DYNAMIC_ROPE=1`` is set, on a model whose own config says ``yarn`` (Qwen-style):
-its ``factor`` becomes the maximum factor. Every other model is left to vLLM untouched.
+its ``factor`` becomes the maximum factor; or ``longrope`` (Phi-3): its short factors serve requests up
+to ``original_max_position_embeddings``, its long factors longer ones (buckets 1 and
+``max_position_embeddings / original``). Every other model is left to vLLM untouched.
 
 Keys read (besides vLLM's own): ``factor`` (maximum factor; vLLM then serves ``max_position_embeddings
 * factor`` tokens), ``original_max_position_embeddings`` (L; default ``max_position_embeddings``),
@@ -22,9 +24,11 @@ from rope_ext import RopeConfigError, RopeScaling
 
 DYNAMIC_ROPE_TYPES = frozenset({"dynamic_yarn", "dynamic_ntk", "dynamic_linear"})
 SWITCH_ENV = "ROPESERVE_DYNAMIC_ROPE"
+# What the switch turns a model's own rope type into: YaRN's family of scales, LongRoPE's two tables.
+SWITCHED_ROPE_TYPES = {"yarn": "dynamic_yarn", "longrope": "longrope"}
 
 
-def yarn_switch_enabled() -> bool:
+def switch_enabled() -> bool:
     return os.environ.get(SWITCH_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
@@ -35,8 +39,8 @@ def scaling_from_rope_parameters(rope_parameters: Mapping[str, Any] | None,
         return None
     params = dict(rope_parameters)
     rope_type = params.get("rope_type", params.get("type"))
-    if rope_type == "yarn" and yarn_switch_enabled():
-        params["rope_type"] = "dynamic_yarn"
+    if rope_type in SWITCHED_ROPE_TYPES and switch_enabled():
+        params["rope_type"] = SWITCHED_ROPE_TYPES[rope_type]
     elif rope_type not in DYNAMIC_ROPE_TYPES:
         return None
     if "mrope_section" in params:

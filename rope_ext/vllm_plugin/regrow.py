@@ -211,7 +211,7 @@ class Regrower:
     """Per-model-runner: the layers' key caches and the growth of requests that outgrow their bucket."""
 
     def __init__(self, rotary, layers: list[_Layer]) -> None:
-        self.rotary = rotary  # one PerRequestRotaryEmbedding: scaling, stacked table, head layout
+        self.rotary = rotary  # one per-request rotary module (.rotary): scaling, stacked table, head layout
         self.layers = layers
         self.events: collections.deque[GrowthEvent] = collections.deque(maxlen=1024)  # the latest growths
 

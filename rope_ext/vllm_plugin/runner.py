@@ -6,7 +6,7 @@ request finishes. Every model runner the plugin supports has one method that lay
 out request by request in batch order (V1's ``_prepare_inputs``, V2's and the standalone CPU runner's
 ``prepare_inputs``; which runners a vLLM version has is its adapter's business, :mod:`.versions`, each a
 :class:`RunnerHook`); after it runs, :meth:`RunnerRope.fill` writes ``np.repeat(row_offset_per_request, num_scheduled_tokens)`` into the one offsets buffer every
-:class:`PerRequestRotaryEmbedding` of the model reads. No Python code runs per request: the per-request
+:class:`~.rotary.PerRequestRows` module of the model reads. No Python code runs per request: the per-request
 lookup is ``np.fromiter(map(dict.__getitem__, req_ids))``, the rest is numpy. On a device the offsets
 are staged in pinned memory and copied without blocking, as vLLM stages its own inputs. Every prefill
 chunk and every decode step of a request therefore uses the scale the scheduler gave it, and the tokens
@@ -30,7 +30,7 @@ import torch
 
 from rope_ext.vllm_plugin import stats
 from rope_ext.vllm_plugin.compat import Internal
-from rope_ext.vllm_plugin.rotary import PerRequestRotaryEmbedding
+from rope_ext.vllm_plugin.rotary import PerRequestRows
 
 logger = logging.getLogger("vllm.ropeserve")
 
@@ -42,7 +42,7 @@ class MissingFactorError(RuntimeError):
 class RunnerRope:
     """Per model runner: the rotary modules, their shared offsets buffer, and each live request's bucket."""
 
-    def __init__(self, modules: list[PerRequestRotaryEmbedding], device: torch.device, *, counts: bool = True) -> None:
+    def __init__(self, modules: list[PerRequestRows], device: torch.device, *, counts: bool = True) -> None:
         first = modules[0]
         self.modules = modules
         self.scaling = first.scaling

@@ -167,11 +167,12 @@ def test_a_dynamic_model_without_a_per_request_module_is_refused():
 
 
 def test_the_switch_on_a_model_the_plugin_cannot_serve_is_refused(monkeypatch):
-    """ROPESERVE_DYNAMIC_ROPE=1 on a longrope (Phi-3.5) or plain model: never a silently static engine."""
+    """ROPESERVE_DYNAMIC_ROPE=1 on a llama3 (Llama 3.1) or plain model: never a silently static engine."""
     monkeypatch.setenv("ROPESERVE_DYNAMIC_ROPE", "1")
     worker = _worker(_runner(Model()))
-    worker.vllm_config.model_config.hf_text_config.rope_parameters = {"rope_type": "longrope", "rope_theta": 1e4}
-    with pytest.raises(Exception, match="ROPESERVE_DYNAMIC_ROPE=1 is set.*longrope.*Unset ROPESERVE_DYNAMIC_ROPE"):
+    worker.vllm_config.model_config.hf_text_config.rope_parameters = {"rope_type": "llama3", "rope_theta": 1e4}
+    with pytest.raises(Exception, match=r"ROPESERVE_DYNAMIC_ROPE=1 is set.*\(llama3\).*\(yarn, longrope\).*"
+                                        "Unset ROPESERVE_DYNAMIC_ROPE"):
         _check(worker)
 
 

@@ -1,12 +1,18 @@
-"""PerRequestRotaryEmbedding against stock vLLM rotary modules, token by token (no engine).
+"""The per-request rotary modules against stock vLLM rotary modules, token by token (no engine).
 
 A flat batch mixes tokens of requests at different scales. Every token must be rotated exactly as the
 stock module of its scale rotates it: plain ``RotaryEmbedding`` at scale 1, ``YaRNScalingRotaryEmbedding``
 at s > 1. Checked for the CPU kernel path (``forward_cpu``) and the plain-torch path (``forward_native``),
 which is also the oracle of the CUDA path (``forward_cuda`` calls the same stock kernel).
+
+LongRoPE: ``PerRequestLongRope`` rotates a short request's tokens exactly as stock
+``Phi3LongRoPEScaledRotaryEmbedding`` in an engine whose ``max_model_len`` is the original context (short
+factors), and a long request's exactly as stock in an engine that serves the whole context (long factors).
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -80,3 +86,57 @@ def test_table_rows_and_offsets(vllm_config):
     assert [ours.row_offset(s) for s in scaling.buckets] == [i * scaling.max_context for i in range(len(scaling.buckets))]
     with pytest.raises(ValueError):
         ours.row_offset(3.0)
+
+
+LONGROPE_L, LONGROPE_MAX = 256, 1024
+
+
+def _longrope_parameters(rotary_dim: int) -> dict:
+    half = rotary_dim // 2
+    return {"rope_type": "longrope", "rope_theta": 1e4, "original_max_position_embeddings": LONGROPE_L,
+            "short_factor": [1.0 + 0.05 * i for i in range(half)], "long_factor": [1.0 + 0.9 * i for i in range(half)]}
+
+
+def _stock_longrope(head_size, rotary_dim, params, max_model_len, dtype):
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding.phi3_long_rope_scaled_rope import (
+        Phi3LongRoPEScaledRotaryEmbedding,
+    )
+
+    config = VllmConfig()
+    config.model_config = SimpleNamespace(max_model_len=max_model_len)  # what stock's __init__ reads of it
+    with set_current_vllm_config(config):
+        return Phi3LongRoPEScaledRotaryEmbedding(head_size, rotary_dim, LONGROPE_MAX, LONGROPE_L, params["rope_theta"],
+                                                 True, dtype, params["short_factor"], params["long_factor"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_size,rotary_dim", [(64, 32), (96, 96)])
+def test_longrope_tokens_are_rotated_as_stocks_short_or_long_engine(vllm_config, monkeypatch, dtype, head_size,
+                                                                     rotary_dim):
+    from rope_ext.vllm_plugin.config import scaling_from_rope_parameters
+    from rope_ext.vllm_plugin.rotary import PerRequestLongRope
+
+    params = _longrope_parameters(rotary_dim)
+    monkeypatch.setenv("ROPESERVE_DYNAMIC_ROPE", "1")
+    scaling = scaling_from_rope_parameters(params, LONGROPE_MAX)
+    assert scaling.method == "longrope" and scaling.buckets == (1.0, 4.0)
+    ours = PerRequestLongRope(head_size, rotary_dim, 1e4, True, dtype, scaling=scaling, rows_per_bucket=LONGROPE_MAX,
+                              max_num_tokens=512)
+    short_engine = _stock_longrope(head_size, rotary_dim, params, LONGROPE_L, dtype)
+    long_engine = _stock_longrope(head_size, rotary_dim, params, LONGROPE_MAX, dtype)
+    assert not short_engine.use_long_rope and long_engine.use_long_rope
+    generator = torch.Generator().manual_seed(0)
+    # A short request (positions < L) and a long one (past L and back near 0), one after the other.
+    positions = torch.cat([torch.arange(200), torch.arange(700, 900), torch.arange(50)])
+    factors = torch.tensor([1.0] * 200 + [4.0] * 250)
+    ours.token_offsets[:450] = torch.tensor([ours.row_offset(float(f)) for f in factors])
+    query = torch.randn(450, 2 * head_size, generator=generator).to(dtype)
+    key = torch.randn(450, head_size, generator=generator).to(dtype)
+    q_ours, k_ours = ours(positions, query.clone(), key.clone())
+    for factor, stock in ((1.0, short_engine), (4.0, long_engine)):
+        mask = factors == factor
+        q_ref, k_ref = stock(positions[mask], query[mask].clone(), key[mask].clone())
+        assert torch.equal(q_ours[mask], q_ref), f"queries of the {'short' if factor == 1 else 'long'} request"
+        assert torch.equal(k_ours[mask], k_ref), f"keys of the {'short' if factor == 1 else 'long'} request"
+    assert torch.equal(positions[:200], torch.arange(200))  # positions untouched

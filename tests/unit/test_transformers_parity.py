@@ -1,6 +1,6 @@
 """Parity of rope_ext's frequencies with transformers 5.19's reference functions (``modeling_rope_utils``).
 
-rope_ext does the same float32 arithmetic as transformers for linear, Dynamic NTK and YaRN
+rope_ext does the same float32 arithmetic as transformers for linear, Dynamic NTK, YaRN and LongRoPE
 (``base ** (arange(0, d, 2) / d)``, the same blend order), so the inverse frequencies must be identical
 (max abs difference 0) and the attention factor equal, over a grid of head dims, bases, original contexts
 L, scales s (integer and fractional), truncation and DeepSeek-style mscale settings.
@@ -16,6 +16,7 @@ import transformers
 from transformers.modeling_rope_utils import (
     _compute_dynamic_ntk_parameters,
     _compute_linear_scaling_rope_parameters,
+    _compute_longrope_parameters,
     _compute_yarn_parameters,
 )
 
@@ -114,3 +115,23 @@ def test_yarn_beta_knobs_match_transformers() -> None:
                        beta_fast=16, beta_slow=2)
     scaling = RopeScaling(method="yarn", original_max_position=8192, max_factor=8.0, beta_fast=16, beta_slow=2)
     assert_same(_compute_yarn_parameters(config), compute_frequencies("yarn", RotaryConfig(64, 1e5), scaling, 8))
+
+
+@pytest.mark.parametrize(("head_dim", "L", "max_position"), [(64, 4096, 131072), (96, 4096, 131072), (128, 2048, 8192)])
+@pytest.mark.parametrize("theta", [1e4, 5e5])
+def test_longrope_matches_transformers(head_dim: int, L: int, max_position: int, theta: float) -> None:
+    """Short factors up to L, long factors past it, the attention factor from max_position / L: transformers
+    chooses per forward by the current length, rope_ext by the bucket (1: short, the largest: long)."""
+    half = head_dim // 2
+    rope = {"rope_type": "longrope", "original_max_position_embeddings": L,
+            "short_factor": [1.0 + 0.01 * i for i in range(half)], "long_factor": [1.0 + 1.7 * i for i in range(half)]}
+    config = transformers.Phi3Config(hidden_size=2 * head_dim, num_attention_heads=2, num_key_value_heads=2,
+                                     num_hidden_layers=1, intermediate_size=8, vocab_size=16,
+                                     max_position_embeddings=max_position, original_max_position_embeddings=L,
+                                     rope_parameters={"rope_theta": theta, **rope})
+    scaling = RopeScaling.from_rope_parameters(config.rope_parameters, max_position_embeddings=max_position)
+    rotary = RotaryConfig(head_dim, theta)
+    for seq_len, factor in ((None, 1.0), (L, 1.0), (L + 1, scaling.max_factor), (max_position, scaling.max_factor)):
+        reference = _compute_longrope_parameters(config, "cpu", seq_len)
+        assert_same(reference, compute_frequencies("longrope", rotary, scaling, factor))
+        assert_same(reference, compute_frequencies("longrope", rotary, scaling, 1.0, seq_len=seq_len))

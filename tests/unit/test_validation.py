@@ -55,7 +55,7 @@ def test_unknown_method_lists_the_known_ones() -> None:
     error = assert_rejects("method", RopeScaling, method="dynamic")
     assert "'dynamic'" in str(error)
     assert all(name in str(error) for name in METHODS)
-    error = assert_rejects("method", compute_frequencies, "longrope", RotaryConfig(64), RopeScaling(), 1.0)
+    error = assert_rejects("method", compute_frequencies, "llama3", RotaryConfig(64), RopeScaling(), 1.0)
     assert all(name in str(error) for name in METHODS)
 
 
@@ -218,3 +218,38 @@ def test_from_rope_parameters_falls_back_to_max_position_embeddings() -> None:
     assert_rejects("original_max_position", RopeScaling.from_rope_parameters, {"rope_type": "yarn"})
     assert_rejects("max_factor", RopeScaling.from_rope_parameters,
                    {"rope_type": "yarn", "factor": 0.5, "original_max_position_embeddings": 8})
+
+
+LONGROPE = dict(method="longrope", original_max_position=4096, max_factor=32.0,
+                short_factor=[1.0] * 32, long_factor=[2.0] * 32)
+
+
+def test_longrope_has_two_tables_as_its_buckets() -> None:
+    scaling = RopeScaling(**LONGROPE)
+    assert scaling.buckets == (1.0, 32.0)
+    assert scaling.short_factor == (1.0,) * 32 and scaling.long_factor == (2.0,) * 32  # tuples: hashable
+    assert_rejects("buckets", RopeScaling, **LONGROPE, buckets=(1.0, 4.0, 32.0))
+
+
+@pytest.mark.parametrize(("field", "bad"), [("short_factor", [1.0] * 31), ("long_factor", []),
+                                            ("short_factor", [0.0] * 32), ("long_factor", [float("nan")] * 32),
+                                            ("short_factor", "1.0"), ("short_mscale", 0.0), ("long_mscale", -1.0)])
+def test_longrope_lists_and_magnitudes_are_checked(field: str, bad: object) -> None:
+    assert_rejects("long_factor" if (field, bad) == ("short_factor", [1.0] * 31) else field, RopeScaling,
+                   **{**LONGROPE, field: bad})
+
+
+def test_longrope_needs_lists_of_rotary_dim_over_two() -> None:
+    scaling = RopeScaling(**{**LONGROPE, "short_factor": None})
+    assert_rejects("short_factor", compute_frequencies, "longrope", RotaryConfig(64), scaling, 1.0)
+    compute_frequencies("longrope", RotaryConfig(64), scaling, 32.0)  # the long list is there
+    assert_rejects("long_factor", compute_frequencies, "longrope", RotaryConfig(128), scaling, 32.0)
+
+
+def test_from_rope_parameters_reads_longrope_as_vllm_serves_it() -> None:
+    params = {"rope_type": "longrope", "original_max_position_embeddings": 4096, "factor": 8.0,
+              "short_factor": [1.0] * 48, "long_factor": [3.0] * 48, "long_mscale": 1.2}
+    scaling = RopeScaling.from_rope_parameters(params, max_position_embeddings=131072)
+    assert (scaling.method, scaling.max_factor, scaling.max_context) == ("longrope", 32.0, 131072)
+    assert (scaling.short_mscale, scaling.long_mscale) == (None, 1.2)
+    assert_rejects("max_position_embeddings", RopeScaling.from_rope_parameters, params)

@@ -1,5 +1,6 @@
 """Parity of rope_ext's cos/sin tables with vLLM 0.32.0's ``RotaryEmbedding`` and
-``YaRNScalingRotaryEmbedding`` ``cos_sin_cache``, bit for bit in float32.
+``YaRNScalingRotaryEmbedding`` ``cos_sin_cache``, and with the short and long halves of
+``Phi3LongRoPEScaledRotaryEmbedding``'s ``long_short_cos_sin_cache``, bit for bit in float32.
 
 vLLM is imported inside each test (``vllm_rope`` fixture), never at module import, so the rest of the
 unit tier runs without it; ``-m "not vllm"`` skips these. Only the rotary modules are constructed: no
@@ -25,11 +26,15 @@ def vllm_rope() -> Iterator[types.SimpleNamespace]:
     vllm = pytest.importorskip("vllm")
     import vllm.config
     from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+    from vllm.model_executor.layers.rotary_embedding.phi3_long_rope_scaled_rope import (
+        Phi3LongRoPEScaledRotaryEmbedding,
+    )
     from vllm.model_executor.layers.rotary_embedding.yarn_scaling_rope import YaRNScalingRotaryEmbedding
 
     assert vllm.__version__ == "0.32.0", "rope_ext's tables are pinned to vLLM 0.32.0's arithmetic"
     with vllm.config.set_current_vllm_config(vllm.config.VllmConfig()):
-        yield types.SimpleNamespace(plain=RotaryEmbedding, yarn=YaRNScalingRotaryEmbedding)
+        yield types.SimpleNamespace(plain=RotaryEmbedding, yarn=YaRNScalingRotaryEmbedding,
+                                    longrope=Phi3LongRoPEScaledRotaryEmbedding)
 
 
 def vllm_yarn_table(vllm_rope: types.SimpleNamespace, head: int, theta: float, L: int, s: float,
@@ -99,3 +104,24 @@ def test_stacked_tables_hold_vllm_tables_at_their_offsets(vllm_rope: types.Simpl
     for s, table in expected.items():
         start = tables.row_offset(s)
         assert torch.equal(tables.cos_sin_cache[start:start + table.shape[0]], table)
+
+
+@pytest.mark.parametrize(("head", "rotary_dim", "L", "max_position"), [(64, 32, 256, 1024), (96, 96, 4096, 131072)])
+@pytest.mark.parametrize("mscales", [{}, {"short_mscale": 1.0, "long_mscale": 1.25}])
+def test_longrope_buckets_equal_vllm_short_and_long_tables(vllm_rope: types.SimpleNamespace, head: int,
+                                                           rotary_dim: int, L: int, max_position: int,
+                                                           mscales: dict) -> None:
+    half = rotary_dim // 2
+    short, long = [1.0 + 0.02 * i for i in range(half)], [1.0 + 2.5 * i for i in range(half)]
+    import vllm.config
+
+    config = vllm.config.VllmConfig()
+    config.model_config = types.SimpleNamespace(max_model_len=max_position)  # what stock's __init__ reads of it
+    with vllm.config.set_current_vllm_config(config):
+        stock = vllm_rope.longrope(head, rotary_dim, max_position, L, 1e4, True, torch.float32, short, long, **mscales)
+    scaling = RopeScaling(method="longrope", original_max_position=L, max_factor=max_position / L,
+                          short_factor=short, long_factor=long, **mscales)
+    tables = build_bucket_tables(RotaryConfig(rotary_dim, 1e4), scaling)
+    cache = stock.long_short_cos_sin_cache
+    assert torch.equal(tables.cos_sin_cache[:L], cache[:L])  # stock's short table has L rows
+    assert torch.equal(tables.cos_sin_cache[tables.row_offset(scaling.max_factor):], cache[L:])
