@@ -124,7 +124,8 @@ class GatewaySettings(BaseSettings):
 
     # --- RoPE scaling (must match the engines; the embedded engine is configured from these) ---------------
     rope_method: str = Field("dynamic_yarn", description="RoPE scaling method served (a rope_ext method: "
-                             + ", ".join(sorted(METHODS)) + ").")
+                             + ", ".join(sorted(METHODS)) + "; `longrope` with external engines only, its "
+                             "maximum factor max_position_embeddings / L).")
     rope_original_max_position: int = Field(
         8192, gt=0, description="The model's original (training) context L in tokens.")
     rope_max_factor: float = Field(
@@ -217,6 +218,10 @@ class GatewaySettings(BaseSettings):
             self.rope_scaling()
         except RopeConfigError as exc:
             raise ValueError(f"invalid RoPE settings: rope_{exc}") from None
+        if self.rope_method == "longrope" and self.embedded:
+            raise ValueError("rope_method longrope: a LongRoPE model (Phi-3) is served from its own config's factor "
+                             "lists by an external engine (engine_urls, with ROPESERVE_DYNAMIC_ROPE=1); the embedded "
+                             "default model has none")
         return self
 
     def rope_scaling(self) -> RopeScaling:

@@ -115,6 +115,9 @@ def test_flags_exist_for_every_field() -> None:
     ({"engine_urls": "http://a:1,http://a:1/"}, "listed twice"),
     ({"rope_max_factor": 8, "rope_buckets": "1,3"}, "rope_buckets"),
     ({"rope_method": "magic"}, "known methods"),
+    ({"rope_method": "longrope", "rope_max_factor": 32}, "external engine"),
+    ({"rope_method": "longrope", "rope_max_factor": 32, "rope_buckets": "1,4,32", "engine_urls": "http://a:1"},
+     "rope_buckets"),
     ({"rope_finetuned_factor": 16}, "rope_finetuned_factor"),
     ({"cors_allow_origins": "*", "cors_allow_credentials": True}, "cannot be combined"),
     ({"port": 70000}, "port"),
@@ -147,3 +150,14 @@ def test_reference_table_lists_every_setting() -> None:
 def test_docs_carry_the_current_reference_table() -> None:
     docs = (REPO / "docs" / "gateway.md").read_text()
     assert settings_markdown() in docs, "regenerate it: python scripts/settings_reference.py"
+
+
+def test_longrope_behind_external_engines_chooses_the_short_or_the_long_table() -> None:
+    """A Phi-3-128k served by external engines: the gateway's policy picks factor 1 (short factors) for a
+    request that fits L and 32 (long factors) past it, as the engines' plugin does."""
+    from rope_ext import choose_factor
+
+    scaling = GatewaySettings(rope_method="longrope", rope_original_max_position=4096, rope_max_factor=32,
+                              engine_urls="http://a:1").rope_scaling()
+    assert scaling.buckets == (1.0, 32.0)
+    assert choose_factor(3000, 500, scaling) == 1.0 and choose_factor(5000, 100, scaling) == 32.0

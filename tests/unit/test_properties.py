@@ -28,7 +28,9 @@ from rope_ext import (
 rotary_dims = st.integers(2, 128).map(lambda half: 2 * half)  # d >= 4, as RotaryConfig requires
 bases = st.floats(2.0, 1e9)
 contexts = st.integers(1, 1 << 20)
-methods = st.sampled_from(sorted(METHODS))
+# LongRoPE takes lists sized by the rotary dim and exactly two buckets: its own tests (test_oracle.py,
+# test_transformers_parity.py, test_vllm_parity.py) cover it; the properties here are the scale family's.
+methods = st.sampled_from(sorted(set(METHODS) - {"longrope"}))
 factors = st.floats(1.0, 1000.0)
 tokens = st.integers(0, 1 << 22)
 
