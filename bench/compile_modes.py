@@ -12,6 +12,12 @@ default: 2048) for the 16k prefill, and reports the machine's peak memory while 
     python bench/compile_modes.py --batched-tokens 2048 8192
     python bench/compile_modes.py --quick               # 2k and 8k prompts, fewer tokens
 
+The run gets a fresh vLLM cache root and inductor cache (``VLLM_CACHE_ROOT``, ``TORCHINDUCTOR_CACHE_DIR``):
+the compiled engine starts cold, and the ``compiled, warm start`` engine after it is the same configuration
+started again, which loads the first one's compiled model from vLLM's AOT cache (the reload the plugin makes
+work on CPU, ``rope_ext/vllm_plugin/aot_reload.py``): the start-up a user sees from the second ``make serve``
+on.
+
 Printed: one row per measure, one column per engine, and compiled / eager ratios (above 1: compiled is
 faster, for rates; start-up is a time).
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -78,11 +85,13 @@ def workload(tokens: list[int], prefill: tuple[int, ...], decode_tokens: int) ->
     return batches
 
 
-def run(model_dir: str, variant: Variant, batches, *, core: str | None) -> dict:
+def run(model_dir: str, variant: Variant, batches, *, core: str | None, cache: str) -> dict:
     extra = {"enforce_eager": variant.eager}
     if variant.batched_tokens:
         extra["max_num_batched_tokens"] = variant.batched_tokens
-    env = {"VLLM_CPU_OMP_THREADS_BIND": core} if core else {}
+    env = {"VLLM_CACHE_ROOT": f"{cache}/vllm", "TORCHINDUCTOR_CACHE_DIR": f"{cache}/inductor"}
+    if core:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = core
     spec = EngineSpec(model=model_dir, dtype="bfloat16", max_model_len=int(L * MAX_FACTOR), hf_overrides=PLUGIN,
                       kv_cache_gib=4, env=env, extra=extra)
     start = time.perf_counter()
@@ -119,12 +128,13 @@ def main() -> None:
     text = (REPO.parent / "shared" / "data" / "books" / "katrine.txt").read_text(encoding="utf-8")
     tokens = AutoTokenizer.from_pretrained(model_dir)(text, add_special_tokens=False).input_ids
     batches = workload(tokens, prefill, decode_tokens)
-    variants = [Variant("eager", True), Variant("compiled", False)]
+    variants = [Variant("eager", True), Variant("compiled", False), Variant("compiled, warm start", False)]
     variants += [Variant(f"compiled, {n} batched", False, n) for n in args.batched_tokens]
     rows = {}
-    for variant in variants:
-        print(f"running {variant.name} ...", flush=True)
-        rows[variant.name] = run(model_dir, variant, batches, core=args.cpu_bind)
+    with tempfile.TemporaryDirectory(prefix="ropeserve-compile-modes-") as cache:
+        for variant in variants:
+            print(f"running {variant.name} ...", flush=True)
+            rows[variant.name] = run(model_dir, variant, batches, core=args.cpu_bind, cache=cache)
     keys = list(rows["eager"])
     names = list(rows)
     print(f"\n{'':28}" + "".join(f"{n:>22}" for n in names) + f"{'compiled/eager':>16}")

@@ -19,6 +19,7 @@ ropeserve must equal bit for bit::
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=8192, help="tokens scored per length (default 8192)")
     parser.add_argument("--book", default="katrine")
+    parser.add_argument("--save", help="also write every window's logprobs to this JSON file")
     args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -58,10 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     model = str(default_model_dir())
     tokenizer = AutoTokenizer.from_pretrained(model)
     tokens = tokenizer(read_book(args.book), add_special_tokens=False)["input_ids"]
-    batches = [[Request(prompt_token_ids=w, max_tokens=1, logprobs=None, prompt_logprobs=0)]
-               for n in LENGTHS
-               for w in windows(tokens, n, window_count(n, args.tokens, len(tokens), OFFSET), offset=OFFSET,
-                                bos=tokenizer.bos_token_id)]
+    lengths, batches = [], []
+    for n in LENGTHS:
+        for window in windows(tokens, n, window_count(n, args.tokens, len(tokens), OFFSET), offset=OFFSET,
+                              bos=tokenizer.bos_token_id):
+            lengths.append(n)
+            batches.append([Request(prompt_token_ids=window, max_tokens=1, logprobs=None, prompt_logprobs=0)])
     overrides = {"rope_parameters": longrope_parameters(), "max_position_embeddings": L * MAX_FACTOR}
     env = {"VLLM_CPU_ATTN_SPLIT_KV": "0"}
     engines = {
@@ -76,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = [scored(batch[0].prompt_logprobs) for batch in run_offline(spec, batches, timeout=3600)]
         print(f"done: {name}", file=sys.stderr)
 
+    if args.save:
+        Path(args.save).write_text(json.dumps({"lengths": lengths, "results": results}))
     names = list(engines)
-    lengths = [len(batch[0].prompt_token_ids) + 2 for batch in batches]  # BOS + n - 2 tokens + the one generated
 
     def perplexity(name: str, n: int) -> float:
         lps = [lp for length, window in zip(lengths, results[name]) if length == n for lp in window]

@@ -10,9 +10,11 @@ of batches::
 
 Within one batch all requests are submitted together, so they share engine steps. With
 ``counters=True`` the plugin's counters at the end of the run come back too (``rope_ext.vllm_plugin.stats``:
-requests admitted and tokens scheduled and computed at each bucket)::
+requests admitted and tokens scheduled and computed at each bucket; and, for an engine core in the child's
+own process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), how many compiled models vLLM loaded from its AOT cache)::
 
     results, counters = run_offline(spec, batches, counters=True)    # counters["computed"][k]: bucket k
+    counters["aot_artifacts_loaded"]                                  # [n]
 """
 
 from __future__ import annotations
@@ -125,9 +127,14 @@ def _run_in_child(spec: dict, batches: list[list[dict]]) -> list[list[dict]]:
 
 
 def _counters() -> dict[str, list[int]]:
+    from vllm.compilation.counter import compilation_counter
+
     from rope_ext.vllm_plugin.stats import read_counters
 
-    return {kind: values.tolist() for kind, values in read_counters().items()}
+    counts = {kind: values.tolist() for kind, values in read_counters().items()}
+    # In this process only: the engine core runs here with VLLM_ENABLE_V1_MULTIPROCESSING=0.
+    counts["aot_artifacts_loaded"] = [compilation_counter.num_aot_artifacts_loaded]
+    return counts
 
 
 def run_offline(spec: EngineSpec, batches: list[list[Request]], *, timeout: float = 1800, counters: bool = False):

@@ -20,8 +20,10 @@ Pieces: :mod:`.config` (which models, which settings), :mod:`.rotary` (stacked b
 :mod:`.admission` (each request's factor and cache salt, fixed in the engine core), :mod:`.scheduler`
 (growth into larger buckets; each step's factors for the workers), :mod:`.runner` (per-token row offsets),
 :mod:`.regrow` (growth by re-rotating cached keys), :mod:`.checks` (unsupported set-ups refused at
-start-up), :mod:`.probe` (the start-up proof that the scale reaches RoPE), :mod:`.stats` (counters shared by vLLM's processes, on ``/metrics``), :mod:`.compat` (every
-vLLM internal the plugin touches, checked), :mod:`.versions` (what differs between vLLM versions).
+start-up), :mod:`.probe` (the start-up proof that the scale reaches RoPE), :mod:`.stats` (counters shared by vLLM's
+processes, on ``/metrics``), :mod:`.compat` (every vLLM internal the plugin touches, checked),
+:mod:`.versions` (what differs between vLLM versions), :mod:`.aot_reload` (warm starts: vLLM's CPU compile
+cache made to reload).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def register() -> None:
         return
     from rope_ext.vllm_plugin import stats
     from rope_ext.vllm_plugin.admission import patch_engine_core, patch_input_processor
+    from rope_ext.vllm_plugin.aot_reload import patch_aot_reload
     from rope_ext.vllm_plugin.checks import patch_worker
     from rope_ext.vllm_plugin.compat import check_internals
     from rope_ext.vllm_plugin.probe import patch_engine_core_start
@@ -72,6 +75,7 @@ def register() -> None:
     patch_worker()
     patch_model_runners(version_adapter.RUNNERS)
     patch_engine_core_start()
+    patch_aot_reload()
     _registered = True
     logger.debug("ropeserve rope plugin registered")
 

@@ -74,6 +74,12 @@ SHARED_INTERNALS: tuple[Internal, ...] = (
              attrs=("rank_in_group",)),
     Internal("vllm.config.scheduler:SchedulerConfig", "table and offsets sizes",
              fields=("max_num_batched_tokens", "max_num_seqs")),
+    # warm starts (aot_reload.py): vLLM's reload, the call it makes and the artifact it calls finalize_loading on
+    Internal("vllm.compilation.decorators:_try_load_aot_compiled_fn", "the AOT reload the plugin makes work on CPU",
+             params=("model", "aot_compilation_path")),
+    Internal("torch.compiler:load_compiled_function", "patched: inductor artifacts get a no-op finalize_loading",
+             params=("file",)),
+    Internal("torch._dynamo.aot_compile_types:BundledAOTAutogradSerializableCallable", "the CPU artifact type"),
     # admission in the engine core (admission.py)
     Internal("vllm.v1.engine.core:EngineCore.preprocess_add_request",
              "patched: every request's factor and cache salt, before its blocks are hashed", params=("request",)),
