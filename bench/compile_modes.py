@@ -11,12 +11,15 @@ default: 2048) for the 16k prefill, and reports the machine's peak memory while 
     python bench/compile_modes.py                       # eager vs compiled
     python bench/compile_modes.py --batched-tokens 2048 8192
     python bench/compile_modes.py --quick               # 2k and 8k prompts, fewer tokens
+    python bench/compile_modes.py --quick --cpu-binds auto 0-1   # + compiled engines per worker binding
 
 The run gets a fresh vLLM cache root and inductor cache (``VLLM_CACHE_ROOT``, ``TORCHINDUCTOR_CACHE_DIR``):
 the compiled engine starts cold, and the ``compiled, warm start`` engine after it is the same configuration
 started again, which loads the first one's compiled model from vLLM's AOT cache (the reload the plugin makes
 work on CPU, ``rope_ext/vllm_plugin/aot_reload.py``): the start-up a user sees from the second ``make serve``
-on.
+on. ``--cpu-binds`` adds warm compiled engines with these ``VLLM_CPU_OMP_THREADS_BIND`` values (``auto``,
+vLLM's default, leaves one core per worker to the engine core's process on x86; ``0-1`` gives the worker's
+OpenMP threads both cores of a 2-core machine).
 
 Printed: one row per measure, one column per engine, and compiled / eager ratios (above 1: compiled is
 faster, for rates; start-up is a time).
@@ -47,6 +50,7 @@ class Variant:
     name: str
     eager: bool
     batched_tokens: int | None = None
+    cpu_bind: str | None = None  # VLLM_CPU_OMP_THREADS_BIND; None: --cpu-bind, else vLLM's default
 
 
 class MemoryPeak:
@@ -90,8 +94,8 @@ def run(model_dir: str, variant: Variant, batches, *, core: str | None, cache: s
     if variant.batched_tokens:
         extra["max_num_batched_tokens"] = variant.batched_tokens
     env = {"VLLM_CACHE_ROOT": f"{cache}/vllm", "TORCHINDUCTOR_CACHE_DIR": f"{cache}/inductor"}
-    if core:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = core
+    if variant.cpu_bind or core:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = variant.cpu_bind or core
     spec = EngineSpec(model=model_dir, dtype="bfloat16", max_model_len=int(L * MAX_FACTOR), hf_overrides=PLUGIN,
                       kv_cache_gib=4, env=env, extra=extra)
     start = time.perf_counter()
@@ -116,6 +120,8 @@ def main() -> None:
     parser.add_argument("--batched-tokens", type=int, nargs="*", default=[],
                         help="also compiled engines with these max_num_batched_tokens")
     parser.add_argument("--cpu-bind", help="VLLM_CPU_OMP_THREADS_BIND for every engine (e.g. 1)")
+    parser.add_argument("--cpu-binds", nargs="*", default=[],
+                        help="also warm compiled engines with these VLLM_CPU_OMP_THREADS_BIND values (auto, 0-1)")
     args = parser.parse_args()
     prefill = (2048, 8192) if args.quick else (2048, 16384)
     decode_tokens = 32 if args.quick else 128
@@ -130,6 +136,7 @@ def main() -> None:
     batches = workload(tokens, prefill, decode_tokens)
     variants = [Variant("eager", True), Variant("compiled", False), Variant("compiled, warm start", False)]
     variants += [Variant(f"compiled, {n} batched", False, n) for n in args.batched_tokens]
+    variants += [Variant(f"compiled, bind {b}", False, cpu_bind=b) for b in args.cpu_binds]
     rows = {}
     with tempfile.TemporaryDirectory(prefix="ropeserve-compile-modes-") as cache:
         for variant in variants:

@@ -101,8 +101,9 @@ class GatewaySettings(BaseSettings):
         "other value is used as given.")
     engine_enforce_eager: bool = Field(
         False, description="Run the embedded engine in vLLM's eager mode (`--enforce-eager`). Default: vLLM's "
-        "compiled mode, which on CPU starts about 90 s later and then decodes up to 1.8x faster (both are "
-        "proven exact; docs/RESULTS.md).")
+        "compiled mode, whose first start on CPU compiles (about a minute more than eager; later starts load "
+        "the compiled model from vLLM's cache) and which decodes up to 1.8x faster (both are proven exact; "
+        "docs/RESULTS.md).")
     engine_kvcache_gib: float = Field(
         4.0, gt=0, description="KV-cache size of the embedded CPU engine in GiB (VLLM_CPU_KVCACHE_SPACE). "
         "One full 65536-token request of the default model needs 1.4 GiB in bfloat16, 2.8 GiB in float32 "

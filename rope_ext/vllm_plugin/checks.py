@@ -12,6 +12,8 @@ every request runs with plain RoPE. So when a worker loads a dynamic model (``Wo
   asked for dynamic);
 - every rotary module of the model is the plugin's, or a plain one built for layers the model's config
   does not scale (Gemma 3's sliding-window layers); a rotary module built any other way is refused;
+- fused kernels that would read a per-request table at the raw positions (Qwen3-Next's and Qwen3.5's
+  QK-norm + RoPE + gate on CUDA) are turned off in those layers (:func:`.rotary.unfuse`);
 - no enabled feature bypasses the per-token offsets: micro-batching (``--enable-dbo`` or ``--ubatch-size``
   above 1, vLLM's ``use_ubatching``) slices a step into micro-batches that would read the first one's
   offsets; a speculative drafter with a model of its
@@ -33,7 +35,7 @@ logger = logging.getLogger("vllm.ropeserve")
 
 PROVEN_ARCHITECTURES = frozenset({
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM",
-    "Phi3ForCausalLM",
+    "Phi3ForCausalLM", "Qwen3MoeForCausalLM",
 })
 MODEL_FREE_DRAFTERS = frozenset({"ngram", "ngram_gpu", "suffix"})
 
@@ -147,7 +149,7 @@ def check_runner(worker) -> None:
         Phi3LongRoPEScaledRotaryEmbedding,
     )
 
-    from rope_ext.vllm_plugin.rotary import PerRequestRows
+    from rope_ext.vllm_plugin.rotary import PerRequestRows, unfuse
     from rope_ext.vllm_plugin.runner import RunnerRope
 
     if check_setup(worker) is None:
@@ -169,6 +171,10 @@ def check_runner(worker) -> None:
     if any((m.scaling.buckets, m.rows_per_bucket) != (first.scaling.buckets, first.rows_per_bucket) for m in ours):
         _refuse("the model's dynamic rotary modules disagree on their buckets", "Give every layer type the same "
                 "factor, buckets and original context.")
+    unfused = unfuse(runner.get_model())
+    if unfused:
+        logger.info("ropeserve: fused RoPE kernels that would read the table at raw positions turned off in %d "
+                    "layer(s) (%s, ...)", len(unfused), unfused[0])
     runner._ropeserve = RunnerRope(ours, runner.device, counts=_first_rank())
     logger.info("ropeserve: %d per-request rotary module(s) in %s; buckets %s", len(ours),
                 ", ".join(sorted(architectures)), list(first.scaling.buckets))

@@ -67,6 +67,9 @@ SHARED_INTERNALS: tuple[Internal, ...] = (
              params=("positions", "query", "key", "offsets"),
              attrs=("head_size", "rotary_dim", "original_max_position_embeddings", "use_long_rope",
                     "long_short_cos_sin_cache")),
+    Internal("vllm.model_executor.models.qwen3_next:Qwen3NextAttention.__init__",
+             "rotary.unfuse: the fused QK-norm + RoPE + gate flag, turned off for a per-request rotary_emb",
+             attrs=("rotary_emb", "use_fused_qk_norm_rope_gate")),
     Internal("vllm.config:get_current_vllm_config", "the served context and batch size of the table"),
     *(Internal(f"vllm.distributed.parallel_state:{name}", "checks: the first tensor/pipeline rank counts tokens")
       for name in ("get_tp_group", "get_pp_group", "model_parallel_is_initialized")),

@@ -14,7 +14,9 @@ that offset to the positions and hands them to the stock implementation, so no k
   table is bucket 1, the long-factor table the largest bucket, and the offsets choose per request what
   stock vLLM chooses once per engine.
 
-Both are :class:`PerRequestRows`, which is all the runner, the checks and re-rotation read.
+Both are :class:`PerRequestRows`, which is all the runner, the checks and re-rotation read. A layer that
+would hand its rotary table and the raw positions to a fused kernel instead of calling its rotary module
+has that kernel turned off (:func:`unfuse`), so its tokens go through the offsets too.
 """
 
 from __future__ import annotations
@@ -128,3 +130,22 @@ class PerRequestLongRope(PerRequestRows, Phi3LongRoPEScaledRotaryEmbedding):
     def extra_repr(self) -> str:
         return (f"head_size={self.head_size}, rotary_dim={self.rotary_dim}, base={self.base}, method=longrope, "
                 f"buckets={list(self.scaling.buckets)}, original_max_position={self.scaling.original_max_position}")
+
+
+# Attention-layer flags that route RoPE through a fused kernel reading ``rotary_emb.cos_sin_cache`` at the raw
+# positions: Qwen3NextAttention's QK-RMSNorm + RoPE + gate (Qwen3-Next, Qwen3.5), on CUDA and XPU in bf16/fp16.
+FUSED_ROPE_FLAGS = ("use_fused_qk_norm_rope_gate",)
+
+
+def unfuse(model: nn.Module) -> list[str]:
+    """Turn off :data:`FUSED_ROPE_FLAGS` in every layer whose rotary embedding is per request (the layer then
+    runs its own norms and ``rotary_emb(positions, q, k)``, which adds the offsets). Call it after the model is
+    built and before it is compiled. Returns the flags turned off, as ``layer.flag``."""
+    changed = []
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "rotary_emb", None), PerRequestRows):
+            for flag in FUSED_ROPE_FLAGS:
+                if getattr(module, flag, False):
+                    setattr(module, flag, False)
+                    changed.append(f"{name}.{flag}")
+    return changed

@@ -1,7 +1,7 @@
 """The plugin's promise on the architectures people serve, on the real engine in vLLM's compiled CPU mode.
 
 For each tiny random model of :mod:`tests.plugin.tiny_models` (Qwen2, Qwen3, Mistral, Gemma 3 with local
-and global layers, Phi-3 with a partial rotary dimension), float32, compiled (no ``enforce_eager``), three
+and global layers, Phi-3 with a partial rotary dimension, Qwen3-MoE), float32, compiled (no ``enforce_eager``), three
 engines with the same ``max_model_len``: stock vLLM with plain RoPE, stock vLLM with static YaRN at
 factor 2, and the plugin (dynamic YaRN up to 4 x L). Short prompts (at most L with their new tokens) must
 equal the unscaled engine, a 400-token prompt (factor 2) must equal static YaRN x2, exactly, token for token

@@ -140,3 +140,29 @@ def test_longrope_tokens_are_rotated_as_stocks_short_or_long_engine(vllm_config,
         assert torch.equal(q_ours[mask], q_ref), f"queries of the {'short' if factor == 1 else 'long'} request"
         assert torch.equal(k_ours[mask], k_ref), f"keys of the {'short' if factor == 1 else 'long'} request"
     assert torch.equal(positions[:200], torch.arange(200))  # positions untouched
+
+
+def test_fused_qk_norm_rope_gate_is_turned_off_for_per_request_layers(vllm_config):
+    """Qwen3NextAttention (Qwen3-Next, Qwen3.5) computes ``use_fused_qk_norm_rope_gate`` from its rotary module:
+    NeoX style, bf16/fp16, on CUDA or XPU; the fused kernel then reads ``cos_sin_cache`` at the raw positions.
+    A per-request module in bf16 meets every condition the flag reads (so on CUDA it would be on); the plugin
+    turns it off in those layers, and leaves a layer with a plain rotary module alone."""
+    from torch import nn
+    from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
+
+    from rope_ext.vllm_plugin.rotary import unfuse
+
+    ours, _, _ = _modules(64, 64, 1e5, 512, 4.0, torch.bfloat16)
+    assert ours.is_neox_style and ours.dtype in (torch.float16, torch.bfloat16)  # what the flag reads of it
+
+    class Attention(nn.Module):  # the attributes Qwen3NextAttention.__init__ sets (compat.py checks them)
+        def __init__(self, rotary_emb):
+            super().__init__()
+            self.rotary_emb = rotary_emb
+            self.use_fused_qk_norm_rope_gate = True  # as computed on CUDA
+
+    model = nn.ModuleDict({"dynamic": Attention(ours),
+                           "plain": Attention(RotaryEmbedding(64, 64, 512, 1e4, True, torch.bfloat16))})
+    assert unfuse(model) == ["dynamic.use_fused_qk_norm_rope_gate"]
+    assert not model["dynamic"].use_fused_qk_norm_rope_gate and model["plain"].use_fused_qk_norm_rope_gate
+    assert unfuse(model) == []

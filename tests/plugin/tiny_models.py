@@ -9,7 +9,9 @@ the same folder always holds the same weights. What each one exercises:
 - ``MistralForCausalLM``: the Mistral code path (no sliding window);
 - ``Gemma3ForCausalLM``: local (sliding-window) and global layers with two RoPE bases; only the global
   layers are scaled, as Gemma 3 configs do (``rope_parameters`` per layer type);
-- ``Phi3ForCausalLM``: a partial rotary dimension (half the head).
+- ``Phi3ForCausalLM``: a partial rotary dimension (half the head);
+- ``Qwen3MoeForCausalLM``: Qwen3's attention (q/k norms) with mixture-of-experts MLPs (4 experts, 2 per
+  token; vLLM's fused MoE).
 
 :func:`rope_parameters` gives the ``hf_overrides`` that make one dynamic, or static YaRN (the oracle), in
 each architecture's own layout.
@@ -24,7 +26,7 @@ from typing import Any
 L = 256
 HEAD = 64
 ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM", "Gemma3ForCausalLM",
-                 "Phi3ForCausalLM")
+                 "Phi3ForCausalLM", "Qwen3MoeForCausalLM")
 BASES = {"Gemma3ForCausalLM": {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}}
 COMMON = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
               num_key_value_heads=1, vocab_size=512, max_position_embeddings=L, tie_word_embeddings=False)
@@ -47,6 +49,10 @@ def _config(arch: str):
     if arch == "Phi3ForCausalLM":
         return transformers.Phi3Config(**COMMON, rope_theta=10_000.0, partial_rotary_factor=0.5,
                                        pad_token_id=0, sliding_window=None)
+    if arch == "Qwen3MoeForCausalLM":
+        return transformers.Qwen3MoeConfig(**COMMON, head_dim=HEAD, rope_theta=10_000.0, num_experts=4,
+                                           num_experts_per_tok=2, moe_intermediate_size=128, decoder_sparse_step=1,
+                                           norm_topk_prob=True, mlp_only_layers=[])
     raise ValueError(f"no tiny model for {arch}; known: {', '.join(ARCHITECTURES)}")
 
 
