@@ -2,9 +2,9 @@
 
 ``RotaryConfig`` describes the model's rotary embedding (rotary dim, base); ``RopeScaling`` describes how
 it is extended (method, original context L, maximum factor, buckets, the paper's knobs and the
-per-request policy settings; for LongRoPE, the model's two lists of per-pair factors). Both validate in ``__post_init__`` and raise :class:`RopeConfigError`
-naming the field and its allowed range. ``RopeScaling.from_rope_parameters`` reads a Hugging Face /
-vLLM ``rope_parameters`` dict.
+per-request policy settings; for LongRoPE, the model's two lists of per-pair factors). Both validate in
+``__post_init__`` and raise :class:`RopeConfigError` naming the field and its allowed range.
+``RopeScaling.from_rope_parameters`` reads a Hugging Face / vLLM ``rope_parameters`` dict.
 """
 
 from __future__ import annotations
