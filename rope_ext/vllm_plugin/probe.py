@@ -9,7 +9,11 @@ ready, :func:`prove_scale_applied` runs two real requests through the whole engi
 :data:`PROBE_TOKENS`-token prompt, one pinned at factor 1 and one at the largest bucket, one greedy token
 each with its top logprobs. Through the plugin's admission, scheduler, runner hook and the compiled
 model, the two must differ (other frequencies, YaRN's attention factor); identical logprobs mean the
-offsets do not reach the computation, and the engine is refused with the causes that produce it.
+offsets do not reach the computation, and the engine is refused. The refusal says where the offsets were
+lost (:func:`diagnose_worker`, run on every worker): the runner never wrote them for the probe's tokens
+(its step layout is not the one the hook follows), or the rotary modules that ignore them when called, by
+layer name, or, when every module applies them and the runner wrote them, the graph that ran (a stale
+compiled artifact, a fused kernel in the attention layers' code).
 
 Cost: two prefills of :data:`PROBE_TOKENS` tokens (a fraction of a second on the default model on one
 CPU core; the time is logged). Like every request, the probe's two are counted in the plugin's metrics
@@ -68,11 +72,71 @@ def prove_scale_applied(core, scaling) -> float:
         raise ScaleNotAppliedError(
             f"ropeserve's start-up probe: the same {PROBE_TOKENS}-token prompt at factor {factors[0]:g} and at "
             f"factor {factors[1]:g} gave identical logprobs, so the per-request scale does not reach RoPE in the "
-            f"graph this engine runs. Causes: {CAUSES}.")
+            f"graph this engine runs. Where: {_diagnosis(core)}. Possible causes: {CAUSES}.")
     seconds = time.perf_counter() - start
     logger.info("ropeserve: start-up probe passed: factors %g and %g reach RoPE in the running engine (%.2f s)",
                 factors[0], factors[1], seconds)
     return seconds
+
+
+def _diagnosis(core) -> str:
+    """Every worker's findings (:func:`diagnose_worker`), each said once."""
+    try:
+        findings = core.collective_rpc(diagnose_worker)
+    except Exception as exc:  # the refusal stands; only its detail is lost
+        return f"the workers could not be examined ({type(exc).__name__}: {exc})"
+    return "; ".join(dict.fromkeys(f for worker in findings for f in worker))
+
+
+def diagnose_worker(worker) -> list[str]:
+    """On a worker, after a failed probe: where its offsets were lost. The probe's step (its last) left its
+    offsets in the shared buffer; each rotary module is then called as the model calls it, at bucket 0 and
+    at the largest bucket, on the same query."""
+    from rope_ext.vllm_plugin.rotary import PerRequestRows
+    from rope_ext.vllm_plugin.runner import runner_state
+
+    runner = worker.model_runner
+    state = runner_state(runner)
+    if state is None:
+        return [f"the model runner {type(runner).__qualname__} has no per-request state: the plugin's start-up "
+                "checks never ran on it"]
+    if not bool(state.buffer.any()):
+        return [f"the model runner ({type(runner).__qualname__}) wrote no per-request offsets for the probe's tokens: "
+                "its step layout is not the one the plugin's hook follows"]
+    names: dict[int, list[str]] = {}
+    for name, module in runner.get_model().named_modules(remove_duplicate=False):
+        if isinstance(module, PerRequestRows):
+            names.setdefault(id(module), []).append(name)
+    ignoring = [name for module in state.modules if _ignores_offsets(module) for name in names.get(id(module), [])]
+    if ignoring:
+        shown = ", ".join(ignoring[:3]) + (f" and {len(ignoring) - 3} more" if len(ignoring) > 3 else "")
+        return [f"these rotary modules ignore the per-request offsets when called: {shown}"]
+    layers = sum(map(len, names.values()))
+    return [f"the runner wrote the offsets and every rotary module ({layers} layer(s)) applies them when called, so "
+            "the graph that ran does not call them with the offsets: a compiled graph cached by another start, or "
+            "attention code that hands the table and the raw positions to a fused kernel"]
+
+
+def _ignores_offsets(module) -> bool:
+    """Whether ``module`` rotates the same query alike at bucket 0 and at its largest bucket."""
+    import torch
+
+    table = module.cos_sin_cache
+    n = 8
+    positions = torch.arange(1, n + 1, device=table.device)
+    query = torch.randn(n, module.head_size, generator=torch.Generator().manual_seed(0)).to(table)
+    saved = module.token_offsets[:n].clone()
+    rotated = []
+    try:
+        with torch.inference_mode():
+            for factor in (module.scaling.buckets[0], module.scaling.buckets[-1]):
+                module.token_offsets[:n] = module.row_offset(factor)
+                q, k = query.clone(), query.clone()
+                out = module(positions, q, k)
+                rotated.append((out[0] if out is not None and out[0] is not None else q).clone())
+    finally:
+        module.token_offsets[:n] = saved
+    return torch.equal(rotated[0], rotated[1])
 
 
 def _request(request_id: str, prompt: list[int], factor: float):

@@ -12,7 +12,8 @@ share one ``VLLM_CACHE_ROOT`` (a fresh directory) and start one after the other,
    backend every reload failed and compiled again until ``rope_ext.vllm_plugin.aot_reload``) and serves the
    same numbers, bit for bit.
 4. ``stale``: the plain engine's artifact planted over the dynamic one's (a cache entry that does not apply
-   the offsets, as a reload across a key change would be): the start-up probe refuses the engine.
+   the offsets, as a reload across a key change would be): the start-up probe refuses the engine, and says
+   the graph is to blame (the runner wrote the offsets, every rotary module applies them when called).
 """
 
 from __future__ import annotations
@@ -99,3 +100,5 @@ def test_a_second_start_reloads_the_compiled_model_and_serves_the_same_numbers(r
 def test_a_stale_artifact_that_ignores_the_offsets_is_refused_by_the_probe(runs):
     assert "stale" not in runs, "the engine served from a graph without the plugin's offsets"
     assert "start-up probe" in runs["stale_error"] and "identical logprobs" in runs["stale_error"]
+    # and where: the runner wrote the offsets and the modules apply them, so the graph is to blame
+    assert "the graph that ran does not call them with the offsets" in runs["stale_error"]

@@ -83,19 +83,27 @@ def test_a_pinned_request_without_max_tokens_stops_at_its_bucket(admission_run):
     assert sum(admission_run["counters"]["past"]) == 0  # the workers' count of positions past a bucket
 
 
+WHERE = {"broken": "wrote no per-request offsets for the probe's tokens: its step layout is not the one",
+         "bypassed": "these rotary modules ignore the per-request offsets when called: "
+                     "model.layers.0.self_attn.rotary_emb, model.layers.1.self_attn.rotary_emb, "
+                     "model.layers.2.self_attn.rotary_emb and 27 more"}
+
+
 @pytest.mark.parametrize("how", ["broken", "bypassed"])
 def test_offsets_that_never_reach_rope_are_refused_at_start_up_by_the_probe(model_dir, tmp_path, how):
     """``broken``: the runner's fill disabled (as a vLLM change that skipped it would), so the offsets stay at
     bucket 0; ``bypassed``: the offsets are written, but the rotary modules read the table at the raw
     positions (as a fused kernel handed ``cos_sin_cache`` and the positions would). Either way the start-up
-    probe's two requests (factors 1 and 4) come out the same, and the engine never starts. (Before the
-    probe, such an engine served at plain RoPE, and only its counters, or nothing, showed it.)"""
+    probe's two requests (factors 1 and 4) come out the same, and the engine never starts, with the place the
+    offsets were lost: the runner, or the layers by name. (Before the probe, such an engine served at plain
+    RoPE, and only its counters, or nothing, showed it.)"""
     env = {**os.environ, "ROPESERVE_METRICS_DIR": str(tmp_path / "metrics")}
     result = subprocess.run([sys.executable, str(CHILD), model_dir, how], capture_output=True, text=True,
                             timeout=900, cwd=Path(__file__).resolve().parents[2], env=env)
     assert "RESULT " not in result.stdout
-    assert "start-up probe: the same 64-token prompt at factor 1 and at factor 4 gave identical logprobs" in \
-        result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "start-up probe: the same 64-token prompt at factor 1 and at factor 4 gave identical logprobs" in output
+    assert WHERE[how] in output
 
 
 def test_a_streaming_sessions_later_chunks_keep_its_scale(hasher_and_rope):
