@@ -83,7 +83,7 @@ def _diagnosis(core) -> str:
     """Every worker's findings (:func:`diagnose_worker`), each said once."""
     try:
         findings = core.collective_rpc(diagnose_worker)
-    except Exception as exc:  # the refusal stands; only its detail is lost
+    except Exception as exc:  # noqa: BLE001 - the refusal stands; only its detail is lost
         return f"the workers could not be examined ({type(exc).__name__}: {exc})"
     return "; ".join(dict.fromkeys(f for worker in findings for f in worker))
 
@@ -98,11 +98,11 @@ def diagnose_worker(worker) -> list[str]:
     runner = worker.model_runner
     state = runner_state(runner)
     if state is None:
-        return [f"the model runner {type(runner).__qualname__} has no per-request state: the plugin's start-up "
-                "checks never ran on it"]
+        return [(f"the model runner {type(runner).__qualname__} has no per-request state: the plugin's start-up "
+                 "checks never ran on it")]
     if not bool(state.buffer.any()):
-        return [f"the model runner ({type(runner).__qualname__}) wrote no per-request offsets for the probe's tokens: "
-                "its step layout is not the one the plugin's hook follows"]
+        return [(f"the model runner ({type(runner).__qualname__}) wrote no per-request offsets for the probe's "
+                 "tokens: its step layout is not the one the plugin's hook follows")]
     names: dict[int, list[str]] = {}
     for name, module in runner.get_model().named_modules(remove_duplicate=False):
         if isinstance(module, PerRequestRows):
@@ -112,9 +112,9 @@ def diagnose_worker(worker) -> list[str]:
         shown = ", ".join(ignoring[:3]) + (f" and {len(ignoring) - 3} more" if len(ignoring) > 3 else "")
         return [f"these rotary modules ignore the per-request offsets when called: {shown}"]
     layers = sum(map(len, names.values()))
-    return [f"the runner wrote the offsets and every rotary module ({layers} layer(s)) applies them when called, so "
-            "the graph that ran does not call them with the offsets: a compiled graph cached by another start, or "
-            "attention code that hands the table and the raw positions to a fused kernel"]
+    return [(f"the runner wrote the offsets and every rotary module ({layers} layer(s)) applies them when called, so "
+             "the graph that ran does not call them with the offsets: a compiled graph cached by another start, or "
+             "attention code that hands the table and the raw positions to a fused kernel")]
 
 
 def _ignores_offsets(module) -> bool:
