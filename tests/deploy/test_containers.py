@@ -5,6 +5,7 @@ settings, Prometheus scrapes both, the Grafana dashboard only queries metrics th
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -76,7 +77,8 @@ def test_one_base_image_so_a_build_pulls_only_what_it_uses(dockerfile):
 
 def test_built_by_the_setup_script_make_uses(dockerfile):
     (build,) = [ins for _, name, ins in stages(dockerfile) if name == "build"]
-    assert any("scripts/setup.sh" in i for i in build if i.startswith("RUN"))
+    assert any("scripts/image_setup.sh" in i for i in build if i.startswith("RUN"))
+    assert "scripts/setup.sh" in (REPO / "scripts" / "image_setup.sh").read_text()  # which runs setup.sh
     assert "scripts/setup.sh" in (REPO / "Makefile").read_text()  # the same script `make` (and CI) run
     assert "make test" in (REPO / ".ci" / "run").read_text()
 
@@ -114,8 +116,26 @@ def test_no_secret_baked_in(dockerfile):
             for name, value in re.findall(r"([A-Z_]+)=(\S*)", line):
                 if re.search(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", name):
                     assert value in ("", '""'), f"{name} has a value in the Dockerfile"
-    ignored = (REPO / ".dockerignore").read_text().split()
-    assert {".git", ".venv", ".env*", "*.env"} <= set(ignored)
+    ignored = [line for line in (REPO / ".dockerignore").read_text().split() if not line.startswith("#")]
+    assert {".env*", "*.env"} <= set(ignored)
+
+
+def test_the_build_context_leaves_out_every_local_environment():
+    """The repository's own environments (.venv; .venv34, which `make test` makes while the container tier
+    builds; .venv-llama of bench/cpu_speed.py) and .git are gigabytes the image must not carry."""
+    ignored = [line for line in (REPO / ".dockerignore").read_text().split() if not line.startswith("#")]
+    for name in (".git", ".venv", ".venv34", ".venv-llama"):
+        assert any(fnmatch.fnmatch(name, pattern) for pattern in ignored), name
+
+
+def test_the_dependencies_are_a_layer_a_source_change_reuses(dockerfile):
+    """The build stage installs the lock from the lock, the set-up scripts and the wheelhouse alone, before
+    the source tree is copied; then the project and the model, both through the setup script make uses."""
+    (build,) = [ins for _, name, ins in stages(dockerfile) if name == "build"]
+    source = build.index("COPY . .")
+    before = " ".join(build[:source])
+    assert "COPY requirements/" in before and "scripts/image_setup.sh --deps-only" in before
+    assert any(i.startswith("RUN scripts/image_setup.sh") and "--deps-only" not in i for i in build[source:])
 
 
 def test_header_comments():
