@@ -8,6 +8,9 @@ client:
   a compile at every start (``VLLM_DISABLE_COMPILE_CACHE=1``: vLLM's AOT cache did not reload on CPU);
 - ``after``: ``ropeserve serve`` as it is (dtype by the CPU, :mod:`server.cpu_dtype`; the compiled model
   reloaded from vLLM's cache): started once cold, then again, and measured on the warm start;
+- ``after, both cores``: the same with the worker's OpenMP threads bound to every core
+  (``VLLM_CPU_OMP_THREADS_BIND=0-1`` on two cores) instead of vLLM's default (``auto``: on x86 one core is
+  left to the other processes: the gateway, vLLM's API server and its engine core's loop);
 - ``stock vLLM``: vLLM's OpenAI server with static YaRN x8 (what a user of stock vLLM runs for a 64k
   context), compiled, the dtype this CPU runs fastest (as ``after`` chooses), vLLM's default binding; the
   plugin is not loaded (``VLLM_PLUGINS``);
@@ -22,7 +25,7 @@ tokens (one streamed request, one new token), decode tokens/s with 1 and 16 runn
 prompts, 128 new tokens each, streamed: generated tokens after the first / time from the first token to
 the last), the machine's peak memory above idle while the engine ran, and for ropeserve the README's
 passkey self-checks (``/healthz/passkey?len=4096`` and at the longer prefill length), timed as a user sees
-them::
+them, and decode again straight to the gateway's engine (``decode_*_engine_only``: the gateway's share)::
 
     python bench/cpu_speed.py                  # about 15 minutes on two cores
     python bench/cpu_speed.py --quick          # 2k and 8k prompts, 32 new tokens
@@ -56,7 +59,9 @@ from server.cpu_dtype import choose_cpu_dtype, read_cpu_flags  # noqa: E402
 from server.default_model import MODEL_NAME, gguf_path, prepare  # noqa: E402
 
 L, FACTOR, THETA = 8192, 8, 100000.0
-ENGINES = ("before", "after", "stock vLLM", "llama.cpp")
+GATEWAYS = ("before", "after", "after, both cores")  # `ropeserve serve`, the passkey route included
+ENGINES = (*GATEWAYS, "stock vLLM", "llama.cpp")
+BOTH_CORES = f"0-{os.cpu_count() - 1}"
 LLAMA_VENV = REPO / ".venv-llama"
 
 
@@ -69,11 +74,13 @@ def _free_port() -> int:
 
 
 class Server:
-    """One engine's server process (its own process group), ready when ``GET url + health`` answers 200."""
+    """One engine's server process (its own process group), ready when ``GET url + health`` answers 200;
+    ``engine_url``: for the gateway, its embedded vLLM server."""
 
     def __init__(self, name: str, command: list[str], env: dict[str, str], port: int, health: str,
-                 log_dir: Path) -> None:
+                 log_dir: Path, engine_port: int | None = None) -> None:
         self.name, self.url, self.health = name, f"http://127.0.0.1:{port}", health
+        self.engine_url = f"http://127.0.0.1:{engine_port}" if engine_port else None
         self.log = open(log_dir / f"{name.replace(' ', '_').replace('.', '')}.log", "a")  # noqa: SIM115
         self.started = time.perf_counter()
         self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT,
@@ -112,12 +119,15 @@ def start(name: str, *, model_dir: Path, dtype: str, cache: Path, log_dir: Path)
     """Start engine ``name`` (one of :data:`ENGINES`) on a free port."""
     port = _free_port()
     env = {**os.environ, "VLLM_CACHE_ROOT": str(cache / "vllm"), "ROPESERVE_API_KEYS": ""}
-    if name in ("before", "after"):
+    if name in GATEWAYS:
         if name == "before":
             env |= {"ROPESERVE_ENGINE_DTYPE": "bfloat16", "VLLM_DISABLE_COMPILE_CACHE": "1"}
+        if name == "after, both cores":
+            env["VLLM_CPU_OMP_THREADS_BIND"] = BOTH_CORES
+        engine_port = _free_port()
         command = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--engine-port",
-                   str(_free_port())]
-        return Server(name, command, env, port, "/readyz", log_dir)
+                   str(engine_port)]
+        return Server(name, command, env, port, "/readyz", log_dir, engine_port)
     if name == "stock vLLM":
         env |= {"VLLM_PLUGINS": "none", "VLLM_CPU_KVCACHE_SPACE": "4"}
         command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
@@ -163,8 +173,15 @@ async def _stream(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> di
             "prompt_tokens": usage["prompt_tokens"] if usage else None}
 
 
+async def _decode(client: httpx.AsyncClient, prompts: list[str], max_tokens: int) -> float:
+    """Generated tokens per second of ``prompts`` running together (after each one's first token)."""
+    rs = await asyncio.gather(*(_stream(client, p, max_tokens) for p in prompts))
+    return sum(r["generated"] - 1 for r in rs) / (max(r["end"] for r in rs) - min(r["first"] for r in rs))
+
+
 async def measure(url: str, prefill: dict[int, str], decode_prompts: list[str], decode_tokens: int, *,
-                  passkey: tuple[int, ...] = ()) -> dict:
+                  passkey: tuple[int, ...] = (), engine_url: str | None = None) -> dict:
+    """The measures through ``url``; with ``engine_url`` (a gateway's own engine) decode there too."""
     out: dict[str, float] = {}
     async with httpx.AsyncClient(base_url=url, timeout=3600) as client:
         await _stream(client, decode_prompts[-1], 4)  # first-request costs out of the measures
@@ -174,23 +191,27 @@ async def measure(url: str, prefill: dict[int, str], decode_prompts: list[str], 
             out[f"ttft_{n // 1024}k_s"] = ttft
             out[f"prefill_{n // 1024}k_tok_s"] = (r["prompt_tokens"] or n) / ttft
         for running in (1, 16):
-            rs = await asyncio.gather(*(_stream(client, p, decode_tokens) for p in decode_prompts[:running]))
-            span = max(r["end"] for r in rs) - min(r["first"] for r in rs)
-            out[f"decode_{running}_running_tok_s"] = sum(r["generated"] - 1 for r in rs) / span
+            out[f"decode_{running}_running_tok_s"] = await _decode(client, decode_prompts[:running], decode_tokens)
         for n in passkey:  # the README's self-check, as a user runs it
             sent = time.perf_counter()
             response = await client.get("/healthz/passkey", params={"len": n})
             if response.status_code not in (200, 503):
                 raise RuntimeError(f"passkey?len={n}: {response.status_code} {response.text[:300]}")
             out[f"passkey_{n // 1024}k_s"] = time.perf_counter() - sent
+    if engine_url:  # the gateway's share of decode: the same batches straight to its engine
+        async with httpx.AsyncClient(base_url=engine_url, timeout=3600) as client:
+            for running in (1, 16):
+                out[f"decode_{running}_engine_only_tok_s"] = await _decode(client, decode_prompts[:running],
+                                                                           decode_tokens)
     return out
 
 
 def run_engine(name: str, workload, passkey: tuple[int, ...], **kwargs) -> dict:
-    """Start ``name``, measure it, stop it; ``after`` is started twice (cold, then warm and measured)."""
+    """Start ``name``, measure it, stop it; ``after`` is started twice (cold, then warm and measured), and so is
+    ``after, both cores``."""
     result: dict[str, float] = {}
     with MemoryPeak() as memory:
-        if name == "after":
+        if name.startswith("after"):
             cold = start(name, **kwargs)
             try:
                 result["start_up_cold_s"] = cold.wait_ready()
@@ -199,8 +220,8 @@ def run_engine(name: str, workload, passkey: tuple[int, ...], **kwargs) -> dict:
         server = start(name, **kwargs)
         try:
             result["start_up_s"] = server.wait_ready()
-            gateway = name in ("before", "after")
-            result |= asyncio.run(measure(server.url, *workload, passkey=passkey if gateway else ()))
+            result |= asyncio.run(measure(server.url, *workload, passkey=passkey if name in GATEWAYS else (),
+                                          engine_url=server.engine_url))
         finally:
             server.stop()
     result["peak_gib"] = memory.peak / 2**30
@@ -223,7 +244,8 @@ def prompts(model_dir: Path, prefill_lengths: tuple[int, ...]) -> tuple[dict[int
 def table(rows: dict[str, dict[str, float]]) -> str:
     names = list(rows)
     keys = list(dict.fromkeys(k for row in rows.values() for k in row))
-    ratios = [("after/before", "after", "before"), ("after/stock", "after", "stock vLLM"),
+    ratios = [("after/before", "after", "before"), ("both/after", "after, both cores", "after"),
+              ("after/stock", "after", "stock vLLM"),
               ("llama.cpp/after", "llama.cpp", "after")]
     ratios = [r for r in ratios if r[1] in rows and r[2] in rows]
     lines = [f"{'':24}" + "".join(f"{n:>14}" for n in names) + "".join(f"{r[0]:>17}" for r in ratios)]

@@ -1,9 +1,10 @@
-"""The compose stack's CPU engine: vLLM's OpenAI server, in the dtype this CPU runs fastest.
+"""The compose stack's CPU engine: vLLM's OpenAI server, in the dtype and on the cores this CPU runs fastest.
 
 Takes vLLM's ``api_server`` arguments; ``--dtype auto`` (or no ``--dtype``) becomes bfloat16 where the CPU
 has native bfloat16 instructions and float32 elsewhere (:mod:`server.cpu_dtype`, the rule of the embedded
-engine), any other ``--dtype`` is passed on. It logs the choice and why, then replaces itself with vLLM
-(same process, so the container's signals reach vLLM)::
+engine), any other ``--dtype`` is passed on; the worker's cores follow :mod:`server.cpu_cores` (every core of
+a small machine, unless ``VLLM_CPU_OMP_THREADS_BIND`` is set). It logs both choices and why, then replaces
+itself with vLLM (same process, so the container's signals reach vLLM)::
 
     python -m server.cpu_engine --model DIR --port 8001 ... --dtype=auto
 
@@ -17,6 +18,7 @@ import os
 import sys
 from collections.abc import Iterable
 
+from server.cpu_cores import allowed_cpus, worker_binding
 from server.cpu_dtype import AUTO, read_cpu_flags, resolve_dtype
 
 logger = logging.getLogger("ropeserve.cpu_engine")
@@ -51,9 +53,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     command, why = vllm_command(sys.argv[1:] if argv is None else argv, read_cpu_flags())
     logger.info(why)
+    cores, line = worker_binding(os.environ, allowed_cpus())
+    logger.info(line)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(command[0], command)
+    os.execve(command[0], command, {**os.environ, **cores})
 
 
 if __name__ == "__main__":

@@ -32,13 +32,14 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from rope_ext import RopeScaling, default_buckets
+from server.cpu_cores import allowed_cpus, worker_binding
 from server.cpu_dtype import read_cpu_flags, resolve_dtype
 from server.settings import GatewaySettings
 
@@ -100,11 +101,15 @@ def engine_command(settings: GatewaySettings, *, model_dir: Path, port: int, rop
     ]
 
 
-def engine_env(settings: GatewaySettings, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The engine's environment: ours plus the CPU KV-cache size, without an inherited counter directory
-    (each engine's API server makes its own, so no two engines add up each other's counters)."""
+def engine_env(settings: GatewaySettings, base: dict[str, str] | None = None, *,
+               cpus: Sequence[int] | None = None) -> dict[str, str]:
+    """The engine's environment: ours plus the CPU KV-cache size and, given ``cpus``, the worker's cores
+    (:func:`server.cpu_cores.worker_binding`), without an inherited counter directory (each engine's API
+    server makes its own, so no two engines add up each other's counters)."""
     env = dict(os.environ if base is None else base)
     env.pop("ROPESERVE_METRICS_DIR", None)
+    if cpus is not None:
+        env |= worker_binding(env, cpus)[0]
     kvcache = settings.engine_kvcache_gib
     env["VLLM_CPU_KVCACHE_SPACE"] = str(int(kvcache)) if float(kvcache).is_integer() else str(kvcache)
     return env
@@ -258,11 +263,16 @@ class EngineProcess:
 
 
 async def embedded_engine(settings: GatewaySettings, *,
-                          cpu_flags: Callable[[], Iterable[str]] = read_cpu_flags) -> EngineProcess:
+                          cpu_flags: Callable[[], Iterable[str]] = read_cpu_flags,
+                          cpus: Callable[[], Sequence[int]] = allowed_cpus) -> EngineProcess:
     """An (unstarted) engine process for ``settings``: the model prepared (off the event loop), a port,
-    the dtype resolved from ``cpu_flags()`` (logged with the reason)."""
+    the dtype resolved from ``cpu_flags()`` and the worker's cores from ``cpus()`` (each logged with the
+    reason)."""
     dtype, why = resolve_dtype(settings.engine_dtype, cpu_flags(), override="--engine-dtype")
     logger.info(why)
+    cores = cpus()
+    env = engine_env(settings, cpus=cores)
+    logger.info(worker_binding(os.environ, cores)[1])
     if settings.model_dir is not None:
         model_dir = settings.model_dir
     else:
@@ -274,7 +284,7 @@ async def embedded_engine(settings: GatewaySettings, *,
     return EngineProcess(
         engine_command(settings, model_dir=model_dir, port=port, rope_theta=rope_theta, dtype=dtype),
         url=f"http://{HOST}:{port}",
-        env=engine_env(settings),
+        env=env,
         start_timeout_s=settings.engine_start_timeout_s,
         stop_timeout_s=settings.engine_stop_timeout_s,
         max_restarts=settings.engine_max_restarts,

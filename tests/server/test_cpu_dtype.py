@@ -17,6 +17,7 @@ from server.cpu_dtype import (
     read_cpu_flags,
     resolve_dtype,
 )
+from server.cpu_cores import worker_binding
 from server.cpu_engine import API_SERVER, split_dtype, vllm_command
 from server.settings import GatewaySettings
 
@@ -118,14 +119,18 @@ def test_entry_point_runs_vllm_with_the_chosen_dtype() -> None:
     assert vllm_command(["--dtype=float32"], {"amx_bf16"})[0][-2:] == ["--dtype", "float32"]
 
 
-def test_entry_point_logs_the_choice_and_becomes_vllm(monkeypatch: pytest.MonkeyPatch,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_entry_point_logs_the_choices_and_becomes_vllm(monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
     from server import cpu_engine
 
-    execs: list[tuple[str, list[str]]] = []
+    execs: list[tuple[str, list[str], dict[str, str]]] = []
     monkeypatch.setattr(cpu_engine, "read_cpu_flags", lambda: AVX2_ONLY)
-    monkeypatch.setattr(cpu_engine.os, "execv", lambda path, argv: execs.append((path, argv)))
+    monkeypatch.setattr(cpu_engine, "allowed_cpus", lambda: [0, 1])
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "")  # docker-compose.yml's default: unset
+    monkeypatch.setattr(cpu_engine.os, "execve", lambda path, argv, env: execs.append((path, argv, env)))
     with caplog.at_level("INFO", logger="ropeserve.cpu_engine"):
         cpu_engine.main(["--model=/m", "--dtype=auto"])
-    assert execs == [(sys.executable, [sys.executable, "-m", API_SERVER, "--model=/m", "--dtype", "float32"])]
-    assert caplog.messages == [vllm_command(["--dtype=auto"], AVX2_ONLY)[1]]
+    ((path, argv, env),) = execs
+    assert (path, argv) == (sys.executable, [sys.executable, "-m", API_SERVER, "--model=/m", "--dtype", "float32"])
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0,1"  # both cores of this 2-CPU machine
+    assert caplog.messages == [vllm_command(["--dtype=auto"], AVX2_ONLY)[1], worker_binding({}, [0, 1])[1]]
