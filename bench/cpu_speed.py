@@ -42,12 +42,12 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -57,6 +57,7 @@ sys.path.insert(0, str(REPO))
 from bench.compile_modes import MemoryPeak  # noqa: E402
 from server.cpu_dtype import choose_cpu_dtype, read_cpu_flags  # noqa: E402
 from server.default_model import MODEL_NAME, gguf_path, prepare  # noqa: E402
+from server.engine_process import EngineProcess, free_port  # noqa: E402
 
 L, FACTOR, THETA = 8192, 8, 100000.0
 GATEWAYS = ("before", "after", "after, both cores")  # `ropeserve serve`, the passkey route included
@@ -65,76 +66,33 @@ BOTH_CORES = f"0-{os.cpu_count() - 1}"
 LLAMA_VENV = REPO / ".venv-llama"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """One engine's server process (its own process group), ready when ``GET url + health`` answers 200;
-    ``engine_url``: for the gateway, its embedded vLLM server."""
-
-    def __init__(self, name: str, command: list[str], env: dict[str, str], port: int, health: str,
-                 log_dir: Path, engine_port: int | None = None) -> None:
-        self.name, self.url, self.health = name, f"http://127.0.0.1:{port}", health
-        self.engine_url = f"http://127.0.0.1:{engine_port}" if engine_port else None
-        self.log = open(log_dir / f"{name.replace(' ', '_').replace('.', '')}.log", "a")  # noqa: SIM115
-        self.started = time.perf_counter()
-        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True, cwd=REPO)
-
-    def wait_ready(self, timeout: float = 1200) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log.name}")
-            try:
-                if httpx.get(self.url + self.health, timeout=2).status_code == 200:
-                    return time.perf_counter() - self.started
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"{self.name} was not ready within {timeout} s; see {self.log.name}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self.log.close()
-
-
 def _yarn_overrides() -> dict:
     return {"rope_parameters": {"rope_type": "yarn", "rope_theta": THETA, "factor": float(FACTOR),
                                 "original_max_position_embeddings": L}, "max_position_embeddings": L * FACTOR}
 
 
-def start(name: str, *, model_dir: Path, dtype: str, cache: Path, log_dir: Path) -> Server:
-    """Start engine ``name`` (one of :data:`ENGINES`) on a free port."""
-    port = _free_port()
+def engine(name: str, *, model_dir: Path, dtype: str, cache: Path, log: IO[bytes]) -> tuple[EngineProcess, str | None]:
+    """Engine ``name`` (one of :data:`ENGINES`) on a free port, not started, and for the gateway its own
+    vLLM server's URL."""
+    port, engine_url = free_port(), None
     env = {**os.environ, "VLLM_CACHE_ROOT": str(cache / "vllm"), "ROPESERVE_API_KEYS": ""}
     if name in GATEWAYS:
         if name == "before":
             env |= {"ROPESERVE_ENGINE_DTYPE": "bfloat16", "VLLM_DISABLE_COMPILE_CACHE": "1"}
         if name == "after, both cores":
             env["VLLM_CPU_OMP_THREADS_BIND"] = BOTH_CORES
-        engine_port = _free_port()
+        engine_port = free_port()
+        engine_url = f"http://127.0.0.1:{engine_port}"
         command = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--engine-port",
                    str(engine_port)]
-        return Server(name, command, env, port, "/readyz", log_dir, engine_port)
-    if name == "stock vLLM":
+        health = "/readyz"
+    elif name == "stock vLLM":
         env |= {"VLLM_PLUGINS": "none", "VLLM_CPU_KVCACHE_SPACE": "4"}
         command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                    "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
                    "--max-model-len", str(L * FACTOR), "--hf-overrides", json.dumps(_yarn_overrides())]
-        return Server(name, command, env, port, "/health", log_dir)
-    if name == "llama.cpp":
+        health = "/health"
+    elif name == "llama.cpp":
         command = [str(LLAMA_VENV / "bin" / "python"), "-m", "llama_cpp.server", "--model", str(gguf_path()),
                    "--model_alias", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port),
                    "--n_ctx", str(L * FACTOR), "--n_threads", str(os.cpu_count()),
@@ -145,8 +103,20 @@ def start(name: str, *, model_dir: Path, dtype: str, cache: Path, log_dir: Path)
                    # requests queue instead of a new one cancelling the one running (its default)
                    "--logits_all", "false", "--flash_attn", "true", "--n_batch", "2048",
                    "--interrupt_requests", "false"]
-        return Server(name, command, env, port, "/v1/models", log_dir)
-    raise ValueError(name)
+        health = "/v1/models"
+    else:
+        raise ValueError(name)
+    # no restarts: an engine that dies fails the run
+    process = EngineProcess(command, url=f"http://127.0.0.1:{port}", env=env, start_timeout_s=1200,
+                            stop_timeout_s=60, max_restarts=0, health_path=health, log=log)
+    return process, engine_url
+
+
+async def _started(process: EngineProcess) -> float:
+    """Start ``process``; the seconds until it answered its health check."""
+    began = time.perf_counter()
+    await process.start()
+    return time.perf_counter() - began
 
 
 async def _stream(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> dict:
@@ -206,24 +176,24 @@ async def measure(url: str, prefill: dict[int, str], decode_prompts: list[str], 
     return out
 
 
-def run_engine(name: str, workload, passkey: tuple[int, ...], **kwargs) -> dict:
+async def run_engine(name: str, workload, passkey: tuple[int, ...], **kwargs) -> dict:
     """Start ``name``, measure it, stop it; ``after`` is started twice (cold, then warm and measured), and so is
     ``after, both cores``."""
     result: dict[str, float] = {}
     with MemoryPeak() as memory:
         if name.startswith("after"):
-            cold = start(name, **kwargs)
+            cold, _ = engine(name, **kwargs)
             try:
-                result["start_up_cold_s"] = cold.wait_ready()
+                result["start_up_cold_s"] = await _started(cold)
             finally:
-                cold.stop()
-        server = start(name, **kwargs)
+                await cold.stop()
+        process, engine_url = engine(name, **kwargs)
         try:
-            result["start_up_s"] = server.wait_ready()
-            result |= asyncio.run(measure(server.url, *workload, passkey=passkey if name in GATEWAYS else (),
-                                          engine_url=server.engine_url))
+            result["start_up_s"] = await _started(process)
+            result |= await measure(process.url, *workload, passkey=passkey if name in GATEWAYS else (),
+                                    engine_url=engine_url)
         finally:
-            server.stop()
+            await process.stop()
     result["peak_gib"] = memory.peak / 2**30
     return result
 
@@ -281,8 +251,9 @@ def main() -> None:
             print(f"running {name} ...", flush=True)
             # a fresh vLLM cache per engine: only `after`'s second start finds a compiled model
             cache = Path(tmp) / f"cache-{len(rows)}"
-            rows[name] = run_engine(name, workload, (4096, prefill_lengths[-1]), model_dir=model_dir, dtype=dtype, cache=cache,
-                                    log_dir=log_dir)
+            with open(log_dir / f"{name.replace(' ', '_').replace(',', '')}.log", "ab") as log:
+                rows[name] = asyncio.run(run_engine(name, workload, (4096, prefill_lengths[-1]), log=log,
+                                                    model_dir=model_dir, dtype=dtype, cache=cache))
             shutil.rmtree(cache, ignore_errors=True)
             print(json.dumps(rows[name]), flush=True)
     print()

@@ -34,7 +34,8 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from subprocess import STDOUT
+from typing import IO, Any
 
 import httpx
 
@@ -123,13 +124,15 @@ def free_port(host: str = HOST) -> int:
 
 class EngineProcess:
     """Runs ``command`` (a server answering ``GET {url}{health_path}``) in its own process group;
-    ``model_dir`` is the model it serves, when it is a local directory (the gateway loads its tokenizer)."""
+    ``model_dir`` is the model it serves, when it is a local directory (the gateway loads its tokenizer);
+    ``log``: a file its output goes to (default: this process's own output)."""
 
     def __init__(self, command: list[str], *, url: str, env: dict[str, str] | None = None,
                  start_timeout_s: float = 600.0, stop_timeout_s: float = 15.0, max_restarts: int = 5,
                  restart_backoff_s: float = 2.0, poll_interval_s: float = 0.5, health_path: str = "/health",
-                 model_dir: Path | None = None) -> None:
+                 model_dir: Path | None = None, log: IO[bytes] | None = None) -> None:
         self.command = command
+        self.log = log
         self.url = url
         self.model_dir = model_dir
         self.health_path = health_path
@@ -187,8 +190,8 @@ class EngineProcess:
         logger.info("starting engine: %s", " ".join(self.command))
         # Own session and process group: a Ctrl-C in the terminal reaches the gateway only, which then
         # stops the engine in order; and killpg reaches every process the engine spawned.
-        self._process = await asyncio.create_subprocess_exec(*self.command, env=self.env,
-                                                             start_new_session=True)
+        self._process = await asyncio.create_subprocess_exec(*self.command, env=self.env, start_new_session=True,
+                                                             stdout=self.log, stderr=self.log and STDOUT)
         self._started_at = time.monotonic()
 
     async def _wait_ready(self) -> None:

@@ -150,6 +150,17 @@ async def test_start_waits_for_health_and_stop_leaves_nothing(tmp_path: Path) ->
     await engine.stop()  # idempotent
 
 
+async def test_its_output_goes_to_the_log_file_given(tmp_path: Path) -> None:
+    port = free_port()
+    script = "import sys; print('to stdout', flush=True); print('to stderr', file=sys.stderr); raise SystemExit(7)"
+    with open(tmp_path / "engine.log", "wb") as log:
+        engine = EngineProcess([sys.executable, "-c", script], url=f"http://127.0.0.1:{port}", poll_interval_s=0.05,
+                               log=log)
+        with pytest.raises(EngineStartError):
+            await engine.start()
+    assert (tmp_path / "engine.log").read_text().splitlines() == ["to stdout", "to stderr"]
+
+
 async def test_engine_that_exits_early_fails_the_start() -> None:
     port = free_port()
     engine = EngineProcess([sys.executable, "-c", "raise SystemExit(7)"], url=f"http://127.0.0.1:{port}",
