@@ -12,8 +12,9 @@ client:
   (``VLLM_CPU_OMP_THREADS_BIND=0-1`` on two cores) instead of vLLM's default (``auto``: on x86 one core is
   left to the other processes: the gateway, vLLM's API server and its engine core's loop);
 - ``stock vLLM``: vLLM's OpenAI server with static YaRN x8 (what a user of stock vLLM runs for a 64k
-  context), compiled, the dtype this CPU runs fastest (as ``after`` chooses), vLLM's default binding; the
-  plugin is not loaded (``VLLM_PLUGINS``);
+  context) and its best flags for this CPU: compiled, the dtype this CPU runs fastest and the worker's cores
+  as ``after`` chooses them (:mod:`server.cpu_cores`: every core of a small machine, where vLLM's own default
+  leaves one out); the plugin is not loaded (``VLLM_PLUGINS``);
 - ``llama.cpp``: llama-cpp-python's server on the same GGUF the default model is made from (Q4_1), static
   YaRN x8 (``rope_freq_scale`` 1/8 over the original 8,192 tokens), a 65,536-token context, both cores,
   flash attention, no logits kept for the prompt (its server keeps them all by default), 2,048-token batches,
@@ -55,6 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.compile_modes import MemoryPeak  # noqa: E402
+from server.cpu_cores import allowed_cpus, worker_binding  # noqa: E402
 from server.cpu_dtype import choose_cpu_dtype, read_cpu_flags  # noqa: E402
 from server.default_model import MODEL_NAME, gguf_path, prepare  # noqa: E402
 from server.engine_process import EngineProcess, free_port  # noqa: E402
@@ -87,7 +89,9 @@ def engine(name: str, *, model_dir: Path, dtype: str, cache: Path, log: IO[bytes
                    str(engine_port)]
         health = "/readyz"
     elif name == "stock vLLM":
-        env |= {"VLLM_PLUGINS": "none", "VLLM_CPU_KVCACHE_SPACE": "4"}
+        # its best flags here: the worker's cores as the default set-up binds them (every core of a small
+        # machine), which stock vLLM's own default does not
+        env |= {"VLLM_PLUGINS": "none", "VLLM_CPU_KVCACHE_SPACE": "4"} | worker_binding(env, allowed_cpus())[0]
         command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                    "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
                    "--max-model-len", str(L * FACTOR), "--hf-overrides", json.dumps(_yarn_overrides())]
