@@ -157,17 +157,23 @@ def patch_get_rope() -> None:
                               dual_chunk_attention_config, **kwargs)
             PLAIN_ROTARY_MODULES.add(module)  # a layer the model's config leaves unscaled
             return module
-        return _build_rotary(cache, head_size, max_position, is_neox_style, rope_parameters, dtype, scaling)
+        return _build_rotary(cache, head_size, max_position, is_neox_style, rope_parameters, dtype, scaling,
+                             mrope_positions_factor=kwargs.get("mrope_positions_factor", 4))
 
     get_rope._ropeserve = True
     _rebind_get_rope(rotary_embedding, original, get_rope)
 
 
-def _build_rotary(cache, head_size, max_position, is_neox_style, rope_parameters, dtype, scaling):
+def _build_rotary(cache, head_size, max_position, is_neox_style, rope_parameters, dtype, scaling, *,
+                  mrope_positions_factor):
     import torch
     from vllm.config import get_current_vllm_config
 
-    from rope_ext.vllm_plugin.rotary import PerRequestLongRope, PerRequestRotaryEmbedding
+    from rope_ext.vllm_plugin.rotary import (
+        PerRequestLongRope,
+        PerRequestMRotaryEmbedding,
+        PerRequestRotaryEmbedding,
+    )
 
     dtype = dtype or torch.get_default_dtype()
     rotary_dim = rope_parameters.get("rope_dim") or int(
@@ -180,12 +186,22 @@ def _build_rotary(cache, head_size, max_position, is_neox_style, rope_parameters
     max_num_tokens = max(scheduler.max_num_batched_tokens, max_model_len) + scheduler.max_num_seqs
     # Everything the table depends on is in the key, the base included: layer types with different bases
     # (Gemma 3's local and global layers) get tables of their own.
-    key = (head_size, rotary_dim, base, is_neox_style, scaling, dtype, rows_per_bucket, max_num_tokens)
+    # Multimodal RoPE (its sections, and how far its positions may run past the token count) is keyed too.
+    mrope = {}
+    if "mrope_section" in rope_parameters:
+        mrope = {"mrope_section": tuple(rope_parameters["mrope_section"]),
+                 "mrope_interleaved": bool(rope_parameters.get("mrope_interleaved", False)),
+                 "positions_factor": int(mrope_positions_factor)}
+    key = (head_size, rotary_dim, base, is_neox_style, scaling, dtype, rows_per_bucket, max_num_tokens,
+           tuple(mrope.items()))
     if key not in cache:
-        module_class = PerRequestLongRope if scaling.method == "longrope" else PerRequestRotaryEmbedding
+        if mrope:
+            module_class = PerRequestMRotaryEmbedding
+        else:
+            module_class = PerRequestLongRope if scaling.method == "longrope" else PerRequestRotaryEmbedding
         cache[key] = module_class(
             head_size, rotary_dim, base, is_neox_style, dtype,
-            scaling=scaling, rows_per_bucket=rows_per_bucket, max_num_tokens=max_num_tokens)
+            scaling=scaling, rows_per_bucket=rows_per_bucket, max_num_tokens=max_num_tokens, **mrope)
         logger.info("ropeserve: per-request %s, L=%d, base %g, buckets %s, %d rows per bucket", scaling.method,
                     scaling.original_max_position, base, list(scaling.buckets), rows_per_bucket)
     return cache[key]

@@ -18,7 +18,8 @@ every request runs with plain RoPE. So when a worker loads a dynamic model (``Wo
   above 1, vLLM's ``use_ubatching``) slices a step into micro-batches that would read the first one's
   offsets; a speculative drafter with a model of its
   own shares the target's rotary modules and offsets (model-free drafters, such as n-gram, are fine);
-- growth by re-rotation runs on vLLM 0.32's V1 runner on the CPU backend only.
+- growth by re-rotation runs on vLLM 0.32's V1 runner on the CPU backend only, and not for multimodal
+  RoPE (mRoPE), whose positions are not token indices.
 
 :data:`PROVEN_ARCHITECTURES` documents what the fidelity tests cover (each with a real-engine test); another
 architecture is served with a warning that its fidelity is unproven.
@@ -149,10 +150,11 @@ def check_runner(worker) -> None:
         Phi3LongRoPEScaledRotaryEmbedding,
     )
 
-    from rope_ext.vllm_plugin.rotary import PerRequestRows, unfuse
+    from rope_ext.vllm_plugin.rotary import PerRequestMRotaryEmbedding, PerRequestRows, unfuse
     from rope_ext.vllm_plugin.runner import RunnerRope
 
-    if check_setup(worker) is None:
+    scaling = check_setup(worker)
+    if scaling is None:
         return
     runner = worker.model_runner
     architectures = set(worker.vllm_config.model_config.architectures or ())
@@ -168,6 +170,9 @@ def check_runner(worker) -> None:
         _refuse("the model built none of its rotary embeddings through the plugin (its layers do not read "
                 "rope_parameters through get_rope)", "This architecture is not supported.")
     first = ours[0]
+    if scaling.growth == "rerotate" and any(isinstance(m, PerRequestMRotaryEmbedding) for m in ours):
+        _refuse("growth 'rerotate' re-rotates each cached key at its token index, and a multimodal (mRoPE) model's "
+                "positions are not token indices (an image's grid)", "Use growth 'recompute' (the default).")
     if any((m.scaling.buckets, m.rows_per_bucket) != (first.scaling.buckets, first.rows_per_bucket) for m in ours):
         _refuse("the model's dynamic rotary modules disagree on their buckets", "Give every layer type the same "
                 "factor, buckets and original context.")

@@ -59,6 +59,21 @@ SHARED_INTERNALS: tuple[Internal, ...] = (
     *(Internal(f"vllm.model_executor.layers.rotary_embedding.base:RotaryEmbedding.{name}",
                "overridden: positions plus the per-token row offset", params=("positions", "query", "key"))
       for name in ("forward_native", "forward_cpu", "forward_cuda", "forward_hip", "forward_xpu")),
+    Internal("vllm.model_executor.layers.rotary_embedding.mrope:MRotaryEmbedding.__init__",
+             "subclassed (mRoPE): the stacked tables through _compute_cos_sin_cache, no scaling_factor",
+             params=("head_size", "rotary_dim", "max_position_embeddings", "base", "is_neox_style", "dtype",
+                     "mrope_section", "mrope_interleaved", "positions_factor"),
+             attrs=("cache_max_position_num", "mrope_section", "mrope_interleaved")),
+    Internal("vllm.model_executor.layers.rotary_embedding.mrope:MRotaryEmbedding._compute_cos_sin_cache",
+             "overridden (mRoPE): the stacked bucket tables", params=()),
+    *(Internal(f"vllm.model_executor.layers.rotary_embedding.mrope:MRotaryEmbedding.{name}",
+               "overridden (mRoPE): [3, num_tokens] or [num_tokens] positions plus the per-token row offset",
+               params=("positions", "query", "key", "offsets"))
+      for name in ("forward_native", "forward_cuda", "forward_hip")),
+    *(Internal(f"vllm.model_executor.layers.rotary_embedding.mrope:MRotaryEmbedding.{name}",
+               f"inherited (mRoPE): calls {called}, which adds the offset", params=("positions", "query", "key"),
+               attrs=(called,))
+      for name, called in (("forward_cpu", "forward_native"), ("forward_xpu", "forward_cuda"))),
     Internal("vllm.model_executor.layers.rotary_embedding.base:RotaryEmbeddingBase",
              "checks: every rotary module of a dynamic model is the plugin's or a plain one"),
     Internal("vllm.model_executor.layers.rotary_embedding.phi3_long_rope_scaled_rope:"

@@ -43,10 +43,10 @@ def scaling_from_rope_parameters(rope_parameters: Mapping[str, Any] | None,
         params["rope_type"] = SWITCHED_ROPE_TYPES[rope_type]
     elif rope_type not in DYNAMIC_ROPE_TYPES:
         return None
-    if "mrope_section" in params:
-        raise RopeConfigError("mrope_section", "multimodal rotary positions (mRoPE: Qwen3-VL, Qwen3.5) are not "
-                              f"served per request yet; serve this model without {SWITCH_ENV}=1 and without a "
-                              "dynamic rope type")
+    if params.get("mrope_section") is not None and params["rope_type"] == "longrope":
+        raise RopeConfigError("mrope_section", "LongRoPE with multimodal rotary positions is not served per "
+                              "request (stock vLLM builds plain LongRoPE for it); serve this model without "
+                              f"{SWITCH_ENV}=1")
     return RopeScaling.from_rope_parameters(params, max_position_embeddings=max_position_embeddings)
 
 

@@ -13,8 +13,12 @@ that offset to the positions and hands them to the stock implementation, so no k
   whose forward already reads a stacked short + long table at ``positions + offsets``: the short-factor
   table is bucket 1, the long-factor table the largest bucket, and the offsets choose per request what
   stock vLLM chooses once per engine.
+- :class:`PerRequestMRotaryEmbedding` (multimodal RoPE: Qwen3-VL, Qwen3.5) subclasses vLLM's
+  ``MRotaryEmbedding``: its positions are ``[3, num_tokens]`` (temporal, height, width; equal rows for
+  text), each row indexing the same table before the sections (interleaved or chunked) are picked, so one
+  per-token offset added to all three rows moves each token to its bucket's table.
 
-Both are :class:`PerRequestRows`, which is all the runner, the checks and re-rotation read. A layer that
+All three are :class:`PerRequestRows`, which is all the runner, the checks and re-rotation read. A layer that
 would hand its rotary table and the raw positions to a fused kernel instead of calling its rotary module
 has that kernel turned off (:func:`unfuse`), so its tokens go through the offsets too.
 """
@@ -23,8 +27,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
-from vllm.model_executor.layers.rotary_embedding.phi3_long_rope_scaled_rope import Phi3LongRoPEScaledRotaryEmbedding
+from vllm.model_executor.layers.rotary_embedding import (
+    MRotaryEmbedding,
+    RotaryEmbedding,
+)
+from vllm.model_executor.layers.rotary_embedding.phi3_long_rope_scaled_rope import (
+    Phi3LongRoPEScaledRotaryEmbedding,
+)
 
 from rope_ext import RopeScaling, RotaryConfig, build_bucket_tables
 
@@ -130,6 +139,55 @@ class PerRequestLongRope(PerRequestRows, Phi3LongRoPEScaledRotaryEmbedding):
     def extra_repr(self) -> str:
         return (f"head_size={self.head_size}, rotary_dim={self.rotary_dim}, base={self.base}, method=longrope, "
                 f"buckets={list(self.scaling.buckets)}, original_max_position={self.scaling.original_max_position}")
+
+
+class PerRequestMRotaryEmbedding(PerRequestRows, MRotaryEmbedding):
+    """Multimodal RoPE with a per-request scale: stock ``MRotaryEmbedding``'s forward at offset positions.
+
+    Stock sizes its table ``positions_factor`` times the context (video pruning keeps the positions of the
+    tokens it drops, so positions may run past the token count); each bucket's table here is as long, so a
+    position never reads the next bucket's rows. YaRN's frequency ramp is computed over the original context
+    L, as for text models; stock's static YaRN mRoPE computes it over ``positions_factor`` x L (its table
+    length), so with a positions factor above 1 (video pruning) the two differ in the ramp's low frequencies,
+    and with 1 (Qwen3-VL, Qwen3.5 without pruning) they are equal (``tests/plugin/test_rotary_unit.py``)."""
+
+    def __init__(self, head_size: int, rotary_dim: int, base: float, is_neox_style: bool,
+                 dtype: torch.dtype, *, scaling: RopeScaling, rows_per_bucket: int, max_num_tokens: int,
+                 mrope_section: list[int], mrope_interleaved: bool, positions_factor: int) -> None:
+        self.scaling = scaling
+        self.rows_per_bucket = rows_per_bucket * positions_factor
+        super().__init__(head_size, rotary_dim, rows_per_bucket, base, is_neox_style, dtype,
+                         mrope_section=list(mrope_section), mrope_interleaved=mrope_interleaved,
+                         positions_factor=positions_factor)  # no scaling_factor: the tables carry YaRN's
+        self._register_offsets(max_num_tokens)
+
+    def _compute_cos_sin_cache(self) -> torch.Tensor:
+        return self._tables(self.rotary_dim, self.base)
+
+    # forward_cpu calls forward_native and forward_xpu forward_cuda, which offset: offset exactly once.
+    def forward_native(self, positions, query, key=None, offsets=None):
+        _no_offsets(offsets)
+        return super().forward_native(self._offset(positions), query, key)
+
+    def forward_cuda(self, positions, query, key=None, offsets=None):
+        _no_offsets(offsets)
+        return super().forward_cuda(self._offset(positions), query, key)
+
+    def forward_hip(self, positions, query, key=None, offsets=None):
+        _no_offsets(offsets)
+        if positions.ndim == 2:  # stock's fused mRoPE op
+            return super().forward_hip(self._offset(positions), query, key)
+        return self.forward_cuda(positions, query, key)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, mrope_section={self.mrope_section}, interleaved={self.mrope_interleaved}, "
+                f"method={self.scaling.method}, buckets={list(self.scaling.buckets)}, "
+                f"original_max_position={self.scaling.original_max_position}")
+
+
+def _no_offsets(offsets) -> None:
+    if offsets is not None:
+        raise ValueError("the per-request rotary module takes its offsets from the plugin's runner")
 
 
 # Attention-layer flags that route RoPE through a fused kernel reading ``rotary_emb.cos_sin_cache`` at the raw

@@ -152,6 +152,17 @@ def test_rerotate_off_cpu_or_off_the_v1_runner_is_refused_at_start_up():
                 _check(worker)
 
 
+def test_rerotate_on_an_mrope_model_is_refused_at_start_up():
+    """Re-rotation turns each cached key by its token index; an image's mRoPE positions are not token indices."""
+    hook = next((h for h in _hooks() if h.rerotate), None)
+    if hook is None:
+        pytest.skip("this vLLM's runners refuse growth 'rerotate' for every model")
+    mrope = _rotary({**DYNAMIC, "mrope_section": [12, 10, 10], "mrope_interleaved": True})
+    with pytest.raises(Exception, match="'rerotate'.*mRoPE.*Use growth 'recompute'"):
+        _check(_worker(_runner(Model(mrope), hook.runner_class()), growth="rerotate"))
+    _check(_worker(_runner(Model(mrope), hook.runner_class())))  # the default growth: recompute
+
+
 def test_a_rotary_module_built_around_get_rope_is_refused():
     from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 
@@ -176,15 +187,28 @@ def test_the_switch_on_a_model_the_plugin_cannot_serve_is_refused(monkeypatch):
         _check(worker)
 
 
-def test_the_switch_on_an_mrope_model_is_refused_when_its_layers_are_built(monkeypatch):
-    """Qwen3-VL / Qwen3.5: interleaved mRoPE with yarn is not served per request yet: refused, not static."""
+def test_the_switch_on_an_mrope_model_builds_the_per_request_mrope_module(monkeypatch):
+    """Qwen3-VL / Qwen3.5: interleaved mRoPE with yarn gets the per-request mRoPE module (its sections, stock's
+    positions factor); without the switch, vLLM's own static module."""
     monkeypatch.setenv("ROPESERVE_DYNAMIC_ROPE", "1")
     params = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": L,
               "mrope_section": [12, 10, 10], "mrope_interleaved": True}
-    with pytest.raises(Exception, match="mrope_section.*mRoPE.*not served per request"):
-        _rotary(params)
+    module = _rotary(params)
+    assert type(module).__name__ == "PerRequestMRotaryEmbedding"
+    assert module.mrope_section == [12, 10, 10] and module.mrope_interleaved
+    # each bucket's table as long as stock's: the context times stock's default positions factor, 4
+    assert module.rows_per_bucket == module.cache_max_position_num >= 4 * module.scaling.max_context
+    assert module.cos_sin_cache.shape[0] == len(module.scaling.buckets) * module.rows_per_bucket
     monkeypatch.delenv("ROPESERVE_DYNAMIC_ROPE")
-    assert type(_rotary(params)).__name__ != "PerRequestRotaryEmbedding"  # without the switch: vLLM's own
+    assert type(_rotary(params)).__name__ == "MRotaryEmbedding"
+
+
+def test_longrope_with_mrope_sections_is_refused(monkeypatch):
+    monkeypatch.setenv("ROPESERVE_DYNAMIC_ROPE", "1")
+    params = {"rope_type": "longrope", "rope_theta": 1e4, "original_max_position_embeddings": L,
+              "short_factor": [1.0] * 32, "long_factor": [2.0] * 32, "mrope_section": [12, 10, 10]}
+    with pytest.raises(Exception, match="LongRoPE with multimodal rotary positions is not served"):
+        _rotary(params)
 
 
 def test_a_model_that_is_not_dynamic_is_left_alone():

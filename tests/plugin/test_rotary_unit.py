@@ -5,6 +5,10 @@ stock module of its scale rotates it: plain ``RotaryEmbedding`` at scale 1, ``Ya
 at s > 1. Checked for the CPU kernel path (``forward_cpu``) and the plain-torch path (``forward_native``),
 which is also the oracle of the CUDA path (``forward_cuda`` calls the same stock kernel).
 
+mRoPE: ``PerRequestMRotaryEmbedding`` rotates each token exactly as stock ``MRotaryEmbedding`` of its scale (plain
+at 1, stock's YaRN mRoPE above), with temporal, height and width positions that differ (an image's grid) or
+agree (text), interleaved sections (Qwen3-VL, Qwen3.5's partial rotary) and chunked ones (Qwen2-VL).
+
 LongRoPE: ``PerRequestLongRope`` rotates a short request's tokens exactly as stock
 ``Phi3LongRoPEScaledRotaryEmbedding`` in an engine whose ``max_model_len`` is the original context (short
 factors), and a long request's exactly as stock in an engine that serves the whole context (long factors).
@@ -70,6 +74,67 @@ def test_each_token_is_rotated_as_the_stock_module_of_its_scale(vllm_config, dty
         q_ref, k_ref = getattr(stock[s], path)(positions[mask], query[mask].clone(), key[mask].clone())
         assert torch.equal(q_ours[mask], q_ref), f"queries at scale {s}"
         assert torch.equal(k_ours[mask], k_ref), f"keys at scale {s}"
+
+
+def _mrope_positions(generator, num_tokens: int, start: int) -> torch.Tensor:
+    """``[3, num_tokens]`` positions from ``start``: text, then a 4 x 8 image grid (one temporal position, height
+    and width running over the grid, as Qwen-VL's), then text after the grid's largest position."""
+    text = torch.arange(start, start + 10)
+    grid_t = torch.full((32,), start + 10)
+    grid_h = start + 10 + torch.arange(4).repeat_interleave(8)
+    grid_w = start + 10 + torch.arange(8).repeat(4)
+    tail = torch.arange(start + 18, start + 18 + num_tokens - 42)
+    return torch.stack([torch.cat([text, grid_t, tail]), torch.cat([text, grid_h, tail]),
+                        torch.cat([text, grid_w, tail])])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_size,rotary_dim,section,interleaved", [
+    (128, 128, [24, 20, 20], True),  # Qwen3-VL
+    (256, 64, [11, 11, 10], True),  # Qwen3.5: partial rotary 0.25
+    (128, 128, [16, 24, 24], False),  # Qwen2-VL's chunked sections
+])
+@pytest.mark.parametrize("path", ["forward_cpu", "forward_native"])
+def test_each_mrope_token_is_rotated_as_the_stock_mrope_module_of_its_scale(vllm_config, dtype, head_size, rotary_dim,
+                                                                            section, interleaved, path):
+    from vllm.model_executor.layers.rotary_embedding import MRotaryEmbedding
+
+    from rope_ext.vllm_plugin.rotary import PerRequestMRotaryEmbedding
+
+    L, base = 1024, 1e6
+    scaling = RopeScaling(method="dynamic_yarn", original_max_position=L, max_factor=4.0)
+    mrope = {"mrope_section": section, "mrope_interleaved": interleaved}
+    ours = PerRequestMRotaryEmbedding(head_size, rotary_dim, base, True, dtype, scaling=scaling,
+                                      rows_per_bucket=scaling.max_context, max_num_tokens=4096, positions_factor=1,
+                                      **mrope)
+    # stock, as get_rope builds it: plain mRoPE, or YaRN mRoPE over the original context (positions factor 4)
+    stock = {1.0: MRotaryEmbedding(head_size, rotary_dim, scaling.max_context, base, True, dtype, **mrope,
+                                   positions_factor=1)}
+    for s in scaling.buckets[1:]:
+        stock[s] = MRotaryEmbedding(head_size, rotary_dim, L, base, True, dtype, **mrope, scaling_factor=s,
+                                    positions_factor=1)
+    generator = torch.Generator().manual_seed(0)
+    heads, kv_heads = 4, 2
+    # Three requests with an image each, at scales 1, 2 and 4, laid out one after the other as the runner does.
+    factors = torch.tensor([1.0] * 100 + [2.0] * 120 + [4.0] * 80)
+    positions = torch.cat([_mrope_positions(generator, 100, 0), _mrope_positions(generator, 120, 1500),
+                           _mrope_positions(generator, 80, 3900)], dim=1)
+    num_tokens = positions.shape[1]
+    ours.token_offsets[:num_tokens] = torch.tensor([ours.row_offset(float(f)) for f in factors])
+    query = torch.randn(num_tokens, heads * head_size, generator=generator).to(dtype)
+    key = torch.randn(num_tokens, kv_heads * head_size, generator=generator).to(dtype)
+
+    q_ours, k_ours = getattr(ours, path)(positions, query.clone(), key.clone())
+    for s in scaling.buckets:
+        mask = factors == s
+        if not mask.any():
+            continue
+        q_ref, k_ref = getattr(stock[s], path)(positions[:, mask], query[mask].clone(), key[mask].clone())
+        assert torch.equal(q_ours[mask], q_ref), f"queries at scale {s}"
+        assert torch.equal(k_ours[mask], k_ref), f"keys at scale {s}"
+    # the grid's height and width positions matter: the same tokens with text positions rotate otherwise
+    q_text, _ = getattr(ours, path)(positions[0].expand(3, -1), query.clone(), key.clone())
+    assert not torch.equal(q_text, q_ours)
 
 
 def test_positions_are_not_modified(vllm_config):
