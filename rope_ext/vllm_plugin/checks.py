@@ -37,6 +37,7 @@ logger = logging.getLogger("vllm.ropeserve")
 PROVEN_ARCHITECTURES = frozenset({
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM",
     "Phi3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen3NextForCausalLM",
+    "PaddleOCRVLForConditionalGeneration",  # text; the mRoPE path (Qwen3-VL and Qwen3.5 load only with torchvision)
 })
 MODEL_FREE_DRAFTERS = frozenset({"ngram", "ngram_gpu", "suffix"})
 
@@ -150,7 +151,11 @@ def check_runner(worker) -> None:
         Phi3LongRoPEScaledRotaryEmbedding,
     )
 
-    from rope_ext.vllm_plugin.rotary import PerRequestMRotaryEmbedding, PerRequestRows, unfuse
+    from rope_ext.vllm_plugin.rotary import (
+        PerRequestMRotaryEmbedding,
+        PerRequestRows,
+        unfuse,
+    )
     from rope_ext.vllm_plugin.runner import RunnerRope
 
     scaling = check_setup(worker)
@@ -188,7 +193,11 @@ def check_runner(worker) -> None:
 def _first_rank() -> bool:
     """Whether this worker is the first of its engine's tensor- and pipeline-parallel ranks (every rank runs
     every step: the first one counts the tokens). Without parallel groups there is one rank."""
-    from vllm.distributed.parallel_state import get_pp_group, get_tp_group, model_parallel_is_initialized
+    from vllm.distributed.parallel_state import (
+        get_pp_group,
+        get_tp_group,
+        model_parallel_is_initialized,
+    )
 
     if not model_parallel_is_initialized():
         return True

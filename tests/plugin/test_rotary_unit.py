@@ -35,7 +35,10 @@ def vllm_config():
 
 
 def _modules(head_size: int, rotary_dim: int, base: float, L: int, max_factor: float, dtype):
-    from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding, YaRNScalingRotaryEmbedding
+    from vllm.model_executor.layers.rotary_embedding import (
+        RotaryEmbedding,
+        YaRNScalingRotaryEmbedding,
+    )
 
     from rope_ext.vllm_plugin.rotary import PerRequestRotaryEmbedding
 
@@ -135,6 +138,28 @@ def test_each_mrope_token_is_rotated_as_the_stock_mrope_module_of_its_scale(vllm
     # the grid's height and width positions matter: the same tokens with text positions rotate otherwise
     q_text, _ = getattr(ours, path)(positions[0].expand(3, -1), query.clone(), key.clone())
     assert not torch.equal(q_text, q_ours)
+
+
+def test_stock_yarn_mrope_ramps_over_its_table_length(vllm_config):
+    """Stock's static YaRN mRoPE sizes its table ``positions_factor`` x L and computes YaRN's correction range
+    over that length instead of L: with the factor models get by default (4) its rows differ from YaRN's
+    (transformers', and the plugin's, in every positions factor); with 1 they are equal."""
+    from vllm.model_executor.layers.rotary_embedding import MRotaryEmbedding
+
+    from rope_ext.vllm_plugin.rotary import PerRequestMRotaryEmbedding
+
+    L, mrope = 256, {"mrope_section": [8, 12, 12], "mrope_interleaved": False}
+    scaling = RopeScaling(method="dynamic_yarn", original_max_position=L, max_factor=4.0)
+    rows = 4 * L
+    for positions_factor in (1, 4):
+        ours = PerRequestMRotaryEmbedding(64, 64, 1e4, True, torch.float32, scaling=scaling, rows_per_bucket=rows,
+                                          max_num_tokens=16, positions_factor=positions_factor, **mrope)
+        start, capacity = ours.row_offset(2.0), 2 * L  # the rows bucket 2 serves
+        ours_rows = ours.cos_sin_cache[start:start + capacity]
+        stock = {f: MRotaryEmbedding(64, 64, L, 1e4, True, torch.float32, **mrope, scaling_factor=2.0,
+                                     positions_factor=f).cos_sin_cache[:capacity] for f in (1, 4)}
+        assert torch.equal(ours_rows, stock[1])
+        assert not torch.allclose(ours_rows, stock[4], atol=1e-3)
 
 
 def test_positions_are_not_modified(vllm_config):

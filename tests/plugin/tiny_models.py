@@ -13,6 +13,12 @@ the same folder always holds the same weights. What each one exercises:
 - ``Qwen3MoeForCausalLM``: Qwen3's attention (q/k norms) with mixture-of-experts MLPs (4 experts, 2 per
   token; vLLM's fused MoE).
 
+:data:`MROPE` is ``PaddleOCRVLForConditionalGeneration``: a vision-language model whose language model (Ernie 4.5)
+takes multimodal rotary positions (mRoPE, ``[3, num_tokens]``, chunked sections 8/12/12 of a 64-wide head),
+the one mRoPE family whose vLLM model file loads without torchvision; its vision tower is one tiny SigLIP
+layer. :func:`variant` gives it other text RoPE parameters over the same weights (transformers cannot build a
+dynamic rope type, so configs are written, not built).
+
 :data:`HYBRID` is ``Qwen3NextForCausalLM``, the hybrid layout of Qwen3-Next and Qwen3.5's text model: Gated
 DeltaNet (linear attention, no RoPE) and gated full-attention layers alternating, the full-attention ones with
 a partial rotary dimension (a quarter of the head, as the real models), MoE MLPs with a shared expert. vLLM
@@ -33,6 +39,8 @@ HEAD = 64
 ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM", "Gemma3ForCausalLM",
                  "Phi3ForCausalLM", "Qwen3MoeForCausalLM")
 HYBRID = "Qwen3NextForCausalLM"
+MROPE = "PaddleOCRVLForConditionalGeneration"
+MROPE_SECTION = [8, 12, 12]
 PARTIAL_ROTARY = {"Phi3ForCausalLM": 0.5, HYBRID: 0.25}
 BASES = {"Gemma3ForCausalLM": {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}}
 COMMON = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
@@ -68,7 +76,13 @@ def _config(arch: str):
             linear_num_key_heads=1, linear_key_head_dim=HEAD, linear_value_head_dim=HEAD, linear_conv_kernel_dim=4,
             num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128, shared_expert_intermediate_size=128,
             decoder_sparse_step=1, mlp_only_layers=[])
-    raise ValueError(f"no tiny model for {arch}; known: {', '.join((*ARCHITECTURES, HYBRID))}")
+    if arch == MROPE:
+        text = {**COMMON, "head_dim": HEAD,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0, "mrope_section": MROPE_SECTION}}
+        vision = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+                  "image_size": 56, "patch_size": 14}
+        return transformers.PaddleOCRVLConfig(text_config=text, vision_config=vision)
+    raise ValueError(f"no tiny model for {arch}; known: {', '.join((*ARCHITECTURES, HYBRID, MROPE))}")
 
 
 def build(arch: str, folder: Path) -> Path:
@@ -92,6 +106,20 @@ def build(arch: str, folder: Path) -> Path:
     (tmp / "generation_config.json").unlink(missing_ok=True)
     tmp.rename(folder)
     return folder
+
+
+def variant(folder: Path, dest: Path, text_rope_parameters: dict[str, Any], max_position_embeddings: int) -> Path:
+    """``folder``'s model (its weights linked, not copied) with other RoPE parameters in its text config."""
+    if not (dest / "config.json").exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        for weights in folder.glob("*.safetensors"):
+            (dest / weights.name).unlink(missing_ok=True)
+            (dest / weights.name).hardlink_to(weights)
+        config = json.loads((folder / "config.json").read_text())
+        config["text_config"].update(rope_parameters=text_rope_parameters,
+                                     max_position_embeddings=max_position_embeddings)
+        (dest / "config.json").write_text(json.dumps(config, indent=2))
+    return dest
 
 
 def rope_parameters(arch: str, rope_type: str, factor: float, **extra: Any) -> dict[str, Any]:
