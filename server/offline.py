@@ -8,7 +8,8 @@ of batches::
     results = run_offline(EngineSpec(model=DIR, dtype="float32", hf_overrides={...}),
                           [[Request(prompt_token_ids=ids, max_tokens=8)], ...])
 
-Within one batch all requests are submitted together, so they share engine steps. With
+A request may carry image files for a multimodal model's image placeholders (``images``). Within one batch
+all requests are submitted together, so they share engine steps. With
 ``counters=True`` the plugin's counters at the end of the run come back too (``rope_ext.vllm_plugin.stats``:
 requests admitted and tokens scheduled and computed at each bucket; and, for an engine core in the child's
 own process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), how many compiled models vLLM loaded from its AOT cache)::
@@ -68,6 +69,7 @@ class Request:
     prompt_logprobs: int | None = None
     extra_args: dict[str, Any] | None = None
     cache_salt: str | None = None  # a fresh salt keeps the request away from the prefix cache
+    images: list[str] | None = None  # image files for the prompt's image placeholders (multimodal models)
 
 
 @dataclasses.dataclass
@@ -102,6 +104,10 @@ def _run_in_child(spec: dict, batches: list[list[dict]]) -> list[list[dict]]:
                 prompt = {"prompt": req.prompt}
             if req.cache_salt is not None:
                 prompt["cache_salt"] = req.cache_salt
+            if req.images:
+                from PIL import Image
+
+                prompt["multi_modal_data"] = {"image": [Image.open(path).convert("RGB") for path in req.images]}
             prompts.append(prompt)
             params.append(SamplingParams(temperature=req.temperature, max_tokens=req.max_tokens,
                                          logprobs=req.logprobs, prompt_logprobs=req.prompt_logprobs,

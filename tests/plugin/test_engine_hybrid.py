@@ -89,8 +89,8 @@ def runs(tmp_path_factory):
     folder = str(build(HYBRID, tmp_path_factory.mktemp("hybrid") / "model"))
     dynamic = rope_parameters(HYBRID, "dynamic_yarn", 4.0, generation_reserve=LOOK_AHEAD, growth="recompute",
                               buckets=[1.0, 2.0, 4.0])
-    plugin, counters = run_offline(_spec(folder, 0, dynamic), [[SHORT], [LONG], [GROW], *[[r] for r in (*SHARED, *ALONE)]],
-                                   timeout=1200, counters=True)
+    batches = [[SHORT], [LONG], [GROW], *[[r] for r in (*SHARED, *ALONE)]]
+    plugin, counters = run_offline(_spec(folder, 0, dynamic), batches, timeout=1200, counters=True)
     grown = plugin[2][0]
     crossing = L - GROW_PROMPT + 1  # the first token generated at a length past L, hence at factor 2
     fresh = Request(prompt_token_ids=GROW.prompt_token_ids + grown.token_ids[:crossing],

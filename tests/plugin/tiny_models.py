@@ -16,8 +16,10 @@ the same folder always holds the same weights. What each one exercises:
 :data:`MROPE` is ``PaddleOCRVLForConditionalGeneration``: a vision-language model whose language model (Ernie 4.5)
 takes multimodal rotary positions (mRoPE, ``[3, num_tokens]``, chunked sections 8/12/12 of a 64-wide head),
 the one mRoPE family whose vLLM model file loads without torchvision; its vision tower is one tiny SigLIP
-layer. :func:`variant` gives it other text RoPE parameters over the same weights (transformers cannot build a
-dynamic rope type, so configs are written, not built).
+layer. It comes with a word-level tokenizer (``w6`` ... ``w511``, and the image markers) and transformers'
+PIL image processor, kept to small images, so prompts with images run through vLLM's and transformers' own
+processing. :func:`variant` gives it other text RoPE parameters over the same weights (transformers cannot
+build a dynamic rope type, so configs are written, not built).
 
 :data:`HYBRID` is ``Qwen3NextForCausalLM``, the hybrid layout of Qwen3-Next and Qwen3.5's text model: Gated
 DeltaNet (linear attention, no RoPE) and gated full-attention layers alternating, the full-attention ones with
@@ -41,6 +43,7 @@ ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM", "
 HYBRID = "Qwen3NextForCausalLM"
 MROPE = "PaddleOCRVLForConditionalGeneration"
 MROPE_SECTION = [8, 12, 12]
+MROPE_SPECIALS = ("<unk>", "<s>", "</s>", "<|IMAGE_START|>", "<|IMAGE_PLACEHOLDER|>", "<|IMAGE_END|>", "<|VIDEO|>")
 PARTIAL_ROTARY = {"Phi3ForCausalLM": 0.5, HYBRID: 0.25}
 BASES = {"Gemma3ForCausalLM": {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}}
 COMMON = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
@@ -81,7 +84,10 @@ def _config(arch: str):
                 "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0, "mrope_section": MROPE_SECTION}}
         vision = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
                   "image_size": 56, "patch_size": 14}
-        return transformers.PaddleOCRVLConfig(text_config=text, vision_config=vision)
+        ids = {name: MROPE_SPECIALS.index(token) for name, token in (
+            ("vision_start_token_id", "<|IMAGE_START|>"), ("image_token_id", "<|IMAGE_PLACEHOLDER|>"),
+            ("vision_end_token_id", "<|IMAGE_END|>"), ("video_token_id", "<|VIDEO|>"))}
+        return transformers.PaddleOCRVLConfig(text_config=text, vision_config=vision, **ids)
     raise ValueError(f"no tiny model for {arch}; known: {', '.join((*ARCHITECTURES, HYBRID, MROPE))}")
 
 
@@ -103,18 +109,41 @@ def build(arch: str, folder: Path) -> Path:
                 p.mul_(4.0)
     tmp = folder.with_name(folder.name + ".tmp")
     model.save_pretrained(tmp, safe_serialization=True)
+    if arch == MROPE:
+        _mrope_processor().save_pretrained(tmp)
     (tmp / "generation_config.json").unlink(missing_ok=True)
     tmp.rename(folder)
     return folder
 
 
+def _mrope_processor():
+    """PaddleOCR-VL's processor over a word-level tokenizer of the tiny vocabulary; images of 4 to 16 merged
+    patches (28 x 28 pixels each)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers.models.paddleocr_vl.image_processing_pil_paddleocr_vl import (
+        PaddleOCRVLImageProcessorPil,
+    )
+
+    vocab = {token: i for i, token in enumerate(MROPE_SPECIALS)}
+    vocab.update({f"w{i}": i for i in range(len(MROPE_SPECIALS), COMMON["vocab_size"])})
+    words = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=words, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        extra_special_tokens={"image_token": "<|IMAGE_PLACEHOLDER|>"})
+    images = PaddleOCRVLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
+    return transformers.PaddleOCRVLProcessor(image_processor=images, tokenizer=tokenizer)
+
+
 def variant(folder: Path, dest: Path, text_rope_parameters: dict[str, Any], max_position_embeddings: int) -> Path:
-    """``folder``'s model (its weights linked, not copied) with other RoPE parameters in its text config."""
+    """``folder``'s model (its files linked, not copied) with other RoPE parameters in its text config."""
     if not (dest / "config.json").exists():
         dest.mkdir(parents=True, exist_ok=True)
-        for weights in folder.glob("*.safetensors"):
-            (dest / weights.name).unlink(missing_ok=True)
-            (dest / weights.name).hardlink_to(weights)
+        for file in folder.iterdir():
+            if file.name != "config.json":
+                (dest / file.name).unlink(missing_ok=True)
+                (dest / file.name).hardlink_to(file)
         config = json.loads((folder / "config.json").read_text())
         config["text_config"].update(rope_parameters=text_rope_parameters,
                                      max_position_embeddings=max_position_embeddings)
