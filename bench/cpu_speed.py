@@ -31,6 +31,10 @@ them, and decode again straight to the gateway's engine (``decode_*_engine_only`
     python bench/cpu_speed.py                  # about 15 minutes on two cores
     python bench/cpu_speed.py --quick          # 2k and 8k prompts, 32 new tokens
     python bench/cpu_speed.py --engines after llama.cpp
+    python bench/cpu_speed.py --engines after "stock vLLM" --decode-only --rounds 3   # an interleaved A/B
+
+With ``--rounds N`` the engines run N times in turn (A B A B ...), each keeping its own vLLM cache (so
+``after`` is started cold once, in the first round); every round's table is printed, then the medians.
 
 Printed: one row per measure, one column per engine, and the ratios after/before, after/stock vLLM and
 llama.cpp/after (rates: above 1 the first is faster; start-up and TTFT are times, below 1 is faster).
@@ -42,7 +46,7 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -180,12 +184,12 @@ async def measure(url: str, prefill: dict[int, str], decode_prompts: list[str], 
     return out
 
 
-async def run_engine(name: str, workload, passkey: tuple[int, ...], **kwargs) -> dict:
+async def run_engine(name: str, workload, passkey: tuple[int, ...], *, cold: bool = True, **kwargs) -> dict:
     """Start ``name``, measure it, stop it; ``after`` is started twice (cold, then warm and measured), and so is
-    ``after, both cores``."""
+    ``after, both cores`` (with ``cold`` false, once: its cache is warm already)."""
     result: dict[str, float] = {}
     with MemoryPeak() as memory:
-        if name.startswith("after"):
+        if name.startswith("after") and cold:
             cold, _ = engine(name, **kwargs)
             try:
                 result["start_up_cold_s"] = await _started(cold)
@@ -237,6 +241,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="prefill at 2k and 8k, 32 new tokens")
     parser.add_argument("--engines", nargs="*", default=list(ENGINES), choices=ENGINES)
     parser.add_argument("--logs", type=Path, help="where the servers' logs go (default: a temporary folder)")
+    parser.add_argument("--rounds", type=int, default=1, help="run the engines this many times in turn")
+    parser.add_argument("--decode-only", action="store_true", help="decode alone: no prefill, no passkey")
     args = parser.parse_args()
     prefill_lengths = (2048, 8192) if args.quick else (2048, 16384)
     decode_tokens = 32 if args.quick else 128
@@ -246,22 +252,37 @@ def main() -> None:
     model_dir = prepare()
     dtype, why = choose_cpu_dtype(read_cpu_flags())
     print(f"dtype for after and stock vLLM: {dtype} ({why})", flush=True)
-    workload = (*prompts(model_dir, prefill_lengths), decode_tokens)
-    rows = {}
+    prefill, decode = prompts(model_dir, prefill_lengths)
+    workload = ({} if args.decode_only else prefill, decode, decode_tokens)
+    passkey = () if args.decode_only else (4096, prefill_lengths[-1])
+    rounds: list[dict[str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory(prefix="ropeserve-cpu-speed-") as tmp:
         log_dir = args.logs or Path(tmp)
         log_dir.mkdir(parents=True, exist_ok=True)
-        for name in args.engines:
-            print(f"running {name} ...", flush=True)
-            # a fresh vLLM cache per engine: only `after`'s second start finds a compiled model
-            cache = Path(tmp) / f"cache-{len(rows)}"
-            with open(log_dir / f"{name.replace(' ', '_').replace(',', '')}.log", "ab") as log:
-                rows[name] = asyncio.run(run_engine(name, workload, (4096, prefill_lengths[-1]), log=log,
-                                                    model_dir=model_dir, dtype=dtype, cache=cache))
-            shutil.rmtree(cache, ignore_errors=True)
-            print(json.dumps(rows[name]), flush=True)
+        for i in range(args.rounds):
+            rows = {}
+            for k, name in enumerate(args.engines):
+                print(f"round {i + 1}: running {name} ...", flush=True)
+                # a vLLM cache per engine: only `after`'s second start (or later round) finds a compiled model
+                cache = Path(tmp) / f"cache-{k}"
+                with open(log_dir / f"{name.replace(' ', '_').replace(',', '')}.log", "ab") as log:
+                    rows[name] = asyncio.run(run_engine(name, workload, passkey, cold=i == 0, log=log,
+                                                        model_dir=model_dir, dtype=dtype, cache=cache))
+                print(json.dumps(rows[name]), flush=True)
+            rounds.append(rows)
+            if args.rounds > 1:
+                print(f"\nround {i + 1}\n{table(rows)}\n", flush=True)
     print()
-    print(table(rows))
+    if args.rounds > 1:
+        print(f"medians of {args.rounds} rounds")
+    print(table(medians(rounds)))
+
+
+def medians(rounds: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Each engine's median of each measure over the rounds (the measures a round has)."""
+    return {name: {key: statistics.median(r[name][key] for r in rounds if key in r[name])
+                   for key in dict.fromkeys(k for r in rounds for k in r[name])}
+            for name in rounds[0]}
 
 
 if __name__ == "__main__":
