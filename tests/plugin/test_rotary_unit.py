@@ -52,31 +52,37 @@ def _modules(head_size: int, rotary_dim: int, base: float, L: int, max_factor: f
     return ours, stock, scaling
 
 
+def _assert_rotated_as_stock(ours, stock, path, factors, positions, head_size, dtype, generator, *, heads=4,
+                             kv_heads=2):
+    """Random queries and keys for a flat batch whose tokens have ``factors``, rotated by ``ours`` (offsets
+    written as the runner writes them) and, token group by token group, by ``stock[factor]``: exactly equal.
+    ``positions`` is ``[num_tokens]`` or mRoPE's ``[3, num_tokens]``. Returns the inputs and our queries."""
+    num_tokens = positions.shape[-1]
+    ours.token_offsets[:num_tokens] = torch.tensor([ours.row_offset(float(f)) for f in factors])
+    query = torch.randn(num_tokens, heads * head_size, generator=generator).to(dtype)
+    key = torch.randn(num_tokens, kv_heads * head_size, generator=generator).to(dtype)
+    q_ours, k_ours = getattr(ours, path)(positions, query.clone(), key.clone())
+    for s in sorted(set(factors.tolist())):
+        mask = factors == s
+        q_ref, k_ref = getattr(stock[s], path)(positions[..., mask], query[mask].clone(), key[mask].clone())
+        assert torch.equal(q_ours[mask], q_ref), f"queries at scale {s}"
+        assert torch.equal(k_ours[mask], k_ref), f"keys at scale {s}"
+    return query, key, q_ours
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_size,rotary_dim,base", [(64, 64, 1e5), (128, 128, 1e4), (128, 64, 1e6)])
 @pytest.mark.parametrize("path", ["forward_cpu", "forward_native"])
 def test_each_token_is_rotated_as_the_stock_module_of_its_scale(vllm_config, dtype, head_size, rotary_dim,
                                                                   base, path):
     L = 1024
-    ours, stock, scaling = _modules(head_size, rotary_dim, base, L, 8.0, dtype)
+    ours, stock, _ = _modules(head_size, rotary_dim, base, L, 8.0, dtype)
     generator = torch.Generator().manual_seed(0)
-    num_tokens, heads, kv_heads = 300, 4, 2
     # Three requests, at scales 1, 2 and 8, laid out one after the other as the model runner does.
     factors = torch.tensor([1.0] * 100 + [2.0] * 120 + [8.0] * 80)
     positions = torch.cat([torch.arange(100), torch.arange(1500, 1620), torch.randint(0, 8 * L, (80,),
                                                                                        generator=generator)])
-    ours.token_offsets[:num_tokens] = torch.tensor([ours.row_offset(float(f)) for f in factors])
-    query = torch.randn(num_tokens, heads * head_size, generator=generator).to(dtype)
-    key = torch.randn(num_tokens, kv_heads * head_size, generator=generator).to(dtype)
-
-    q_ours, k_ours = getattr(ours, path)(positions, query.clone(), key.clone())
-    for s in scaling.buckets:
-        mask = factors == s
-        if not mask.any():
-            continue
-        q_ref, k_ref = getattr(stock[s], path)(positions[mask], query[mask].clone(), key[mask].clone())
-        assert torch.equal(q_ours[mask], q_ref), f"queries at scale {s}"
-        assert torch.equal(k_ours[mask], k_ref), f"keys at scale {s}"
+    _assert_rotated_as_stock(ours, stock, path, factors, positions, head_size, dtype, generator)
 
 
 def _mrope_positions(generator, num_tokens: int, start: int) -> torch.Tensor:
@@ -117,24 +123,12 @@ def test_each_mrope_token_is_rotated_as_the_stock_mrope_module_of_its_scale(vllm
         stock[s] = MRotaryEmbedding(head_size, rotary_dim, L, base, True, dtype, **mrope, scaling_factor=s,
                                     positions_factor=1)
     generator = torch.Generator().manual_seed(0)
-    heads, kv_heads = 4, 2
     # Three requests with an image each, at scales 1, 2 and 4, laid out one after the other as the runner does.
     factors = torch.tensor([1.0] * 100 + [2.0] * 120 + [4.0] * 80)
     positions = torch.cat([_mrope_positions(generator, 100, 0), _mrope_positions(generator, 120, 1500),
                            _mrope_positions(generator, 80, 3900)], dim=1)
-    num_tokens = positions.shape[1]
-    ours.token_offsets[:num_tokens] = torch.tensor([ours.row_offset(float(f)) for f in factors])
-    query = torch.randn(num_tokens, heads * head_size, generator=generator).to(dtype)
-    key = torch.randn(num_tokens, kv_heads * head_size, generator=generator).to(dtype)
-
-    q_ours, k_ours = getattr(ours, path)(positions, query.clone(), key.clone())
-    for s in scaling.buckets:
-        mask = factors == s
-        if not mask.any():
-            continue
-        q_ref, k_ref = getattr(stock[s], path)(positions[:, mask], query[mask].clone(), key[mask].clone())
-        assert torch.equal(q_ours[mask], q_ref), f"queries at scale {s}"
-        assert torch.equal(k_ours[mask], k_ref), f"keys at scale {s}"
+    query, key, q_ours = _assert_rotated_as_stock(ours, stock, path, factors, positions, head_size, dtype,
+                                                  generator)
     # the grid's height and width positions matter: the same tokens with text positions rotate otherwise
     q_text, _ = getattr(ours, path)(positions[0].expand(3, -1), query.clone(), key.clone())
     assert not torch.equal(q_text, q_ours)
