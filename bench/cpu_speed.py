@@ -72,8 +72,9 @@ BOTH_CORES = f"0-{os.cpu_count() - 1}"
 LLAMA_VENV = REPO / ".venv-llama"
 
 
-def _yarn_overrides() -> dict:
-    return {"rope_parameters": {"rope_type": "yarn", "rope_theta": THETA, "factor": float(FACTOR),
+def yarn_overrides(rope_type: str = "yarn") -> dict:
+    """The default model's RoPE at x8 as ``hf_overrides``: static YaRN, or the plugin's ``dynamic_yarn``."""
+    return {"rope_parameters": {"rope_type": rope_type, "rope_theta": THETA, "factor": float(FACTOR),
                                 "original_max_position_embeddings": L}, "max_position_embeddings": L * FACTOR}
 
 
@@ -98,7 +99,7 @@ def engine(name: str, *, model_dir: Path, dtype: str, cache: Path, log: IO[bytes
         env |= {"VLLM_PLUGINS": "none", "VLLM_CPU_KVCACHE_SPACE": "4"} | worker_binding(env, allowed_cpus())[0]
         command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                    "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
-                   "--max-model-len", str(L * FACTOR), "--hf-overrides", json.dumps(_yarn_overrides())]
+                   "--max-model-len", str(L * FACTOR), "--hf-overrides", json.dumps(yarn_overrides())]
         health = "/health"
     elif name == "llama.cpp":
         command = [str(LLAMA_VENV / "bin" / "python"), "-m", "llama_cpp.server", "--model", str(gguf_path()),

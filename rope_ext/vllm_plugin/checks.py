@@ -37,7 +37,7 @@ logger = logging.getLogger("vllm.ropeserve")
 PROVEN_ARCHITECTURES = frozenset({
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM",
     "Phi3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen3NextForCausalLM",
-    "PaddleOCRVLForConditionalGeneration",  # text; the mRoPE path (Qwen3-VL and Qwen3.5 load only with torchvision)
+    "PaddleOCRVLForConditionalGeneration",  # mRoPE, an image included (Qwen3-VL, Qwen3.5 need torchvision)
 })
 MODEL_FREE_DRAFTERS = frozenset({"ngram", "ngram_gpu", "suffix"})
 

@@ -132,8 +132,7 @@ class PerRequestLongRope(PerRequestRows, Phi3LongRoPEScaledRotaryEmbedding):
         return self.long_short_cos_sin_cache
 
     def forward(self, positions, query, key=None, offsets=None):
-        if offsets is not None:
-            raise ValueError("the per-request LongRoPE module takes its offsets from the plugin's runner")
+        _no_offsets(offsets)
         return super().forward(positions, query, key, offsets=self.token_offsets[: positions.shape[-1]])
 
     def extra_repr(self) -> str:
