@@ -4,8 +4,9 @@ vLLM against the plugin, to tell the engine's share of a decode gap from the ser
 Three engines, one after the other, each the default model at 64k in bfloat16 (this CPU's fastest dtype
 here), compiled, the worker's cores as the default set-up binds them (:mod:`server.cpu_cores`): ``stock``
 (static YaRN x8, ``VLLM_PLUGINS=none``), ``inert`` (the plugin loaded, the model static: it does nothing)
-and ``dynamic`` (the plugin serving dynamic YaRN up to x8). Each runs 16 requests of 64 prompt tokens and 128 new tokens together, then one alone, ``--rounds``
-times; printed: generated tokens per second of each batch (its 64-token prefills included)::
+and ``dynamic`` (the plugin serving dynamic YaRN up to x8). Each runs 16 requests of 64 prompt tokens and
+128 new tokens together, then one alone, ``--rounds`` times; printed: generated tokens per second of each
+batch (its 64-token prefills included)::
 
     python bench/engine_decode.py              # about 6 minutes on two cores
 """
