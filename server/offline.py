@@ -81,6 +81,9 @@ class Result:
     num_prompt_tokens: int
     num_cached_tokens: int
     seconds: float
+    # speculative decoding (with ``per_request_spec_decode_metrics`` set): draft tokens proposed and accepted
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
 
 def _chosen_logprob(step: dict, token_id: int) -> float:
@@ -124,10 +127,13 @@ def _run_in_child(spec: dict, batches: list[list[dict]]) -> list[list[dict]]:
             if output.prompt_logprobs is not None:
                 prompt_lps = [None if step is None else _chosen_logprob(step, tok)
                               for step, tok in zip(output.prompt_logprobs, output.prompt_token_ids)]
+            drafts = getattr(completion, "spec_decode_metrics", None)
             batch_results.append(dataclasses.asdict(Result(
                 token_ids=list(completion.token_ids), text=completion.text, logprobs=logprobs,
                 prompt_logprobs=prompt_lps, num_prompt_tokens=len(output.prompt_token_ids),
-                num_cached_tokens=output.num_cached_tokens or 0, seconds=seconds)))
+                num_cached_tokens=output.num_cached_tokens or 0, seconds=seconds,
+                draft_tokens=drafts.num_draft_tokens if drafts else 0,
+                accepted_draft_tokens=sum(j * n for j, n in enumerate(drafts.histogram)) if drafts else 0)))
         out.append(batch_results)
     return out
 

@@ -16,8 +16,12 @@ every request runs with plain RoPE. So when a worker loads a dynamic model (``Wo
   QK-norm + RoPE + gate on CUDA) are turned off in those layers (:func:`.rotary.unfuse`);
 - no enabled feature bypasses the per-token offsets: micro-batching (``--enable-dbo`` or ``--ubatch-size``
   above 1, vLLM's ``use_ubatching``) slices a step into micro-batches that would read the first one's
-  offsets; a speculative drafter with a model of its
-  own shares the target's rotary modules and offsets (model-free drafters, such as n-gram, are fine);
+  offsets;
+- a speculative drafter with a model (EAGLE, MTP, a draft model) runs only on a runner whose drafters the
+  adapter hooks (vLLM 0.32's V1 runner), with every one of its rotary modules the plugin's, at the target's
+  scaling (so its passes rotate each request's tokens at that request's scale), and not with growth by
+  re-rotation (the drafter's cached keys would keep their old scale); model-free drafters (n-gram, suffix)
+  are fine everywhere;
 - growth by re-rotation runs on vLLM 0.32's V1 runner on the CPU backend only, and not for multimodal
   RoPE (mRoPE), whose positions are not token indices.
 
@@ -94,8 +98,13 @@ def check_setup(worker):
                        ", ".join(sorted(PROVEN_ARCHITECTURES)))
     spec = config.speculative_config
     if spec is not None and spec.method not in MODEL_FREE_DRAFTERS:
-        _refuse(f"the speculative drafter ({spec.method}) has a model whose rotary embedding would read the "
-                "target's offsets", "Use a model-free drafter (n-gram) or no speculative decoding.")
+        if hook.drafter is None:
+            _refuse(f"the speculative drafter ({spec.method}) has a model, and the plugin does not lay out its passes' "
+                    f"offsets on {type(runner).__qualname__} (it does on vLLM 0.32's V1 runner)",
+                    "Use a model-free drafter (n-gram, suffix) or no speculative decoding on this runner.")
+        if scaling.growth == "rerotate":
+            _refuse(f"growth 'rerotate' re-rotates the target's cached keys, and the speculative drafter "
+                    f"({spec.method}) keeps cached keys of its own", "Use growth 'recompute' (the default).")
     key_compile_cache(config, scaling)
     if scaling.growth == "rerotate" and not (hook.rerotate and runner.device.type == "cpu"):
         _refuse(f"growth 'rerotate' (re-rotating cached keys) is implemented and validated on vLLM 0.32's V1 "
@@ -146,48 +155,84 @@ def check_runner(worker) -> None:
     """After the model is built: every rotary module is the plugin's or a plain one the config asked for.
     On success the runner gets its :class:`~rope_ext.vllm_plugin.runner.RunnerRope`. (Runs
     :func:`check_setup` first; a no-op for models that are not dynamic.)"""
-    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
-    from vllm.model_executor.layers.rotary_embedding.phi3_long_rope_scaled_rope import (
-        Phi3LongRoPEScaledRotaryEmbedding,
-    )
-
-    from rope_ext.vllm_plugin.rotary import (
-        PerRequestMRotaryEmbedding,
-        PerRequestRows,
-        unfuse,
-    )
+    from rope_ext.vllm_plugin.rotary import PerRequestMRotaryEmbedding, unfuse
     from rope_ext.vllm_plugin.runner import RunnerRope
+    from rope_ext.vllm_plugin.versions import adapter
 
     scaling = check_setup(worker)
     if scaling is None:
         return
     runner = worker.model_runner
     architectures = set(worker.vllm_config.model_config.architectures or ())
-    ours: list[PerRequestRows] = []
-    stock_rotary = (RotaryEmbeddingBase, Phi3LongRoPEScaledRotaryEmbedding)  # the latter is a plain nn.Module
-    for name, module in runner.get_model().named_modules(remove_duplicate=True):
-        if isinstance(module, PerRequestRows):
-            ours.append(module)
-        elif isinstance(module, stock_rotary) and module not in PLAIN_ROTARY_MODULES:
-            _refuse(f"the rotary module {name} ({type(module).__qualname__}) was not built by get_rope for the "
-                    "layers the model leaves unscaled", "This architecture is not supported.")
+    ours = _rotary_modules(runner.get_model(), "model", "This architecture is not supported.")
     if not ours:
         _refuse("the model built none of its rotary embeddings through the plugin (its layers do not read "
                 "rope_parameters through get_rope)", "This architecture is not supported.")
     first = ours[0]
+    drafter, drafter_rotary = _check_drafter(runner, runner_hook(runner, adapter().RUNNERS), first.scaling)
+    ours += [m for m in drafter_rotary if all(m is not o for o in ours)]  # its own, or the target's (memoized)
     if scaling.growth == "rerotate" and any(isinstance(m, PerRequestMRotaryEmbedding) for m in ours):
         _refuse("growth 'rerotate' re-rotates each cached key at its token index, and a multimodal (mRoPE) model's "
                 "positions are not token indices (an image's grid)", "Use growth 'recompute' (the default).")
     if any((m.scaling.buckets, m.rows_per_bucket) != (first.scaling.buckets, first.rows_per_bucket) for m in ours):
         _refuse("the model's dynamic rotary modules disagree on their buckets", "Give every layer type the same "
                 "factor, buckets and original context.")
-    unfused = unfuse(runner.get_model())
+    unfused = unfuse(runner.get_model()) + (unfuse(drafter.model) if drafter is not None else [])
     if unfused:
         logger.info("ropeserve: fused RoPE kernels that would read the table at raw positions turned off in %d "
                     "layer(s) (%s, ...)", len(unfused), unfused[0])
     runner._ropeserve = RunnerRope(ours, runner.device, counts=_first_rank())
+    if drafter is not None:
+        drafter._ropeserve = runner._ropeserve
+        logger.info("ropeserve: the speculative drafter (%s) drafts at each request's scale", type(drafter).__qualname__)
     logger.info("ropeserve: %d per-request rotary module(s) in %s; buckets %s", len(ours),
                 ", ".join(sorted(architectures)), list(first.scaling.buckets))
+
+
+def _rotary_modules(model, where: str, change: str) -> list:
+    """The plugin's rotary modules in ``model`` (the served model, or the drafter's), refusing any other
+    than a plain one get_rope built for layers the config leaves unscaled."""
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
+    from vllm.model_executor.layers.rotary_embedding.phi3_long_rope_scaled_rope import (
+        Phi3LongRoPEScaledRotaryEmbedding,
+    )
+
+    from rope_ext.vllm_plugin.rotary import PerRequestRows
+
+    ours = []
+    stock_rotary = (RotaryEmbeddingBase, Phi3LongRoPEScaledRotaryEmbedding)  # the latter is a plain nn.Module
+    for name, module in model.named_modules(remove_duplicate=True):
+        if isinstance(module, PerRequestRows):
+            ours.append(module)
+        elif isinstance(module, stock_rotary) and module not in PLAIN_ROTARY_MODULES:
+            _refuse(f"the {where}'s rotary module {name} ({type(module).__qualname__}) was not built by get_rope for "
+                    "the layers the model leaves unscaled", change)
+    return ours
+
+
+def _check_drafter(runner, hook, scaling):
+    """The runner's speculative drafter with a model and its rotary modules, once it is known to draft at
+    each request's scale (its class's passes hooked, its rotary modules the plugin's at ``scaling``);
+    ``(None, [])`` without one."""
+    drafter = hook.drafter.drafter(runner) if hook.drafter is not None else None
+    if drafter is None:
+        return None, []
+    name = type(drafter).__qualname__
+    change = ("Give the drafter's config (an EAGLE or draft checkpoint's config.json) the target's rope_parameters, "
+              "or use a model-free drafter (n-gram, suffix).")
+    if not hook.drafter.hooked(drafter):
+        _refuse(f"the speculative drafter {name} lays out its passes without {hook.drafter.method}, where the plugin "
+                "writes their offsets", "Use EAGLE, EAGLE-3, MTP or a draft model (vLLM's proposers that keep that "
+                "method), or a model-free drafter (n-gram, suffix).")
+    rotary = _rotary_modules(drafter.model, "drafter", change)
+    plain = [m for _, m in drafter.model.named_modules() if m in PLAIN_ROTARY_MODULES]
+    if plain and not rotary:
+        _refuse(f"the speculative drafter {name} has plain RoPE only, so its drafts past the original context "
+                "would be rotated unscaled", change)
+    for module in rotary:
+        if module.scaling != scaling:
+            _refuse(f"the speculative drafter {name} scales RoPE as {module.scaling}, the target as {scaling}", change)
+    return drafter, rotary
 
 
 def _first_rank() -> bool:

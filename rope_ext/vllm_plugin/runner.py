@@ -13,6 +13,12 @@ chunk and every decode step of a request therefore uses the scale the scheduler 
 written at each factor are counted (``ropeserve_engine_rope_tokens_total``, :mod:`.stats`): the evidence
 that scaling is applied.
 
+A speculative drafter with a model (EAGLE, MTP, a draft model) shares the target's rotary modules or has
+its own built from the same parameters, all reading the one offsets buffer. Its passes lay the step's
+requests out again (one more token each for a draft model, one token each after the first pass), so each
+pass first writes its own layout's offsets (:meth:`RunnerRope.fill_draft`, from the pass's
+``query_start_loc``): a drafted token is rotated at its request's scale, as the target will verify it.
+
 Under ``growth="rerotate"`` the step may also carry re-rotations: before the offsets are written, the
 cached keys of those requests are converted to their new scale (:mod:`.regrow`).
 """
@@ -65,6 +71,7 @@ class RunnerRope:
         self.computed = stats.counters(stats.COMPUTED)
         self.past = stats.counters(stats.PAST)
         self.capacity = np.array([self.scaling.capacity(b) for b in self.scaling.buckets], dtype=np.int64)
+        self.step_rows: np.ndarray | None = None  # the step's row offset per request, in batch order
         self.regrower = None  # growth "rerotate": created at the first step (the KV caches exist then)
         # While the worker warms up (compile_or_warm_up_model), vLLM runs steps of its own requests, which
         # no scheduler annotated: they read plain rows (bucket 0), like dummy runs, and are not counted.
@@ -89,9 +96,14 @@ class RunnerRope:
 
     def fill_plain(self, num_tokens: int) -> None:
         """Offsets 0 (bucket 0, plain RoPE) for a warm-up step's ``num_tokens`` tokens."""
-        self.host[:num_tokens] = 0
+        self.step_rows = None
+        self._write(np.zeros(num_tokens, dtype=np.int64))
+
+    def _write(self, per_token: np.ndarray) -> None:
+        n = per_token.shape[0]
+        self.host[:n] = per_token
         if self.staging is not None:
-            self.buffer[:num_tokens].copy_(self.staging[:num_tokens], non_blocking=True)
+            self.buffer[:n].copy_(self.staging[:n], non_blocking=True)
 
     def forget(self, finished_req_ids) -> None:
         """Drop finished requests (every step, the ones without tokens included)."""
@@ -108,11 +120,8 @@ class RunnerRope:
             raise MissingFactorError(f"request {exc.args[0]} is scheduled but the scheduler never gave it a rope "
                                      "factor") from None
         counts = num_scheduled_tokens[: len(req_ids)]
-        per_token = np.repeat(buckets * self.rows_per_bucket, counts)
-        n = per_token.shape[0]
-        self.host[:n] = per_token
-        if self.staging is not None:
-            self.buffer[:n].copy_(self.staging[:n], non_blocking=True)
+        self.step_rows = buckets * self.rows_per_bucket
+        self._write(np.repeat(self.step_rows, counts))
         if not self.counts:
             return
         n_buckets = len(self.scaling.buckets)
@@ -120,6 +129,18 @@ class RunnerRope:
         past = np.minimum(counts, np.maximum(num_computed_tokens[: len(req_ids)] + counts - self.capacity[buckets], 0))
         if past.any():
             self.past.add_all(np.bincount(buckets, weights=past, minlength=n_buckets).astype(np.int64))
+
+    def fill_draft(self, query_start_loc) -> None:
+        """Write the offsets of a drafter pass over this step's requests (batch order), laid out by
+        ``query_start_loc`` (``num_requests + 1`` token boundaries; a CPU tensor or array)."""
+        lengths = np.diff(np.asarray(query_start_loc, dtype=np.int64))
+        if self.step_rows is None:  # a warm-up step's drafts: plain rows, like its target pass
+            self._write(np.zeros(int(lengths.sum()), dtype=np.int64))
+            return
+        if lengths.shape[0] != self.step_rows.shape[0]:
+            raise MissingFactorError(f"a drafter pass lays out {lengths.shape[0]} requests and the step scheduled "
+                                     f"{self.step_rows.shape[0]}: the drafted tokens' scales are unknown")
+        self._write(np.repeat(self.step_rows, lengths))
 
 
 def runner_state(runner) -> RunnerRope | None:
@@ -131,17 +152,46 @@ Batch = tuple[Sequence[str], np.ndarray, np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
+class DrafterHook:
+    """A speculative drafter class (with a model) and the method each of its passes calls with that pass's
+    layout first, ``method(common_attn_metadata, ...)``; the runner keeps the drafter as ``runner.<attribute>``
+    and the drafter its model as ``.model``. ``query_start_loc(args)`` reads the layout from the method's
+    positional arguments."""
+
+    target: str  # "module:Class"
+    method: str
+    query_start_loc: Callable[[tuple], Any]
+    attribute: str = "drafter"
+
+    def drafter_class(self) -> type:
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def drafter(self, runner):
+        """The runner's drafter when it drafts with a model (None for none, or a model-free one)."""
+        drafter = getattr(runner, self.attribute, None)
+        return drafter if isinstance(getattr(drafter, "model", None), torch.nn.Module) else None
+
+    def hooked(self, drafter) -> bool:
+        """``drafter`` is this hook's class (or a subclass that keeps the hooked method)."""
+        return (isinstance(drafter, self.drafter_class())
+                and getattr(getattr(type(drafter), self.method), "_ropeserve", False))
+
+
+@dataclasses.dataclass(frozen=True)
 class RunnerHook:
     """A model runner class and its method that lays out a step's tokens (``method(scheduler_output, ...)``).
 
     ``batch(runner, args, result)`` reads the step's batch from the method's positional arguments
     (``scheduler_output`` first) and its result: the requests in batch order, their scheduled token counts,
-    and the tokens each had computed before the step. ``rerotate``: growth by re-rotation (:mod:`.regrow`) can read this runner's request states."""
+    and the tokens each had computed before the step. ``rerotate``: growth by re-rotation (:mod:`.regrow`) can read this runner's request states. ``drafter``: how this runner's
+    speculative drafters lay out their passes (None: a drafter with a model is refused on this runner)."""
 
     target: str  # "module:Class"
     method: str
     batch: Callable[[Any, tuple, Any], Batch]
     rerotate: bool = False
+    drafter: DrafterHook | None = None
 
     def runner_class(self) -> type:
         module, _, name = self.target.partition(":")
@@ -181,6 +231,8 @@ def patch_model_runners(hooks: Sequence[RunnerHook]) -> None:
         cls = hook.runner_class()
         _wrap_layout(cls, hook)
         _wrap_execute_model(cls)
+        if hook.drafter is not None:
+            _wrap_draft_layout(hook.drafter)
 
 
 def _wrap_layout(cls: type, hook: RunnerHook) -> None:
@@ -193,6 +245,28 @@ def _wrap_execute_model(cls: type) -> None:
     original = cls.__dict__["execute_model"]
     if not getattr(original, "_ropeserve", False):
         cls.execute_model = execute_model_hook(original)
+
+
+def _wrap_draft_layout(hook: DrafterHook) -> None:
+    cls = hook.drafter_class()
+    original = cls.__dict__[hook.method]
+    if not getattr(original, "_ropeserve", False):
+        setattr(cls, hook.method, draft_layout_hook(original, hook.query_start_loc))
+
+
+def draft_layout_hook(original, query_start_loc):
+    """A drafter's per-pass layout method that first writes the pass's offsets (the drafter's runner state
+    is set by the start-up checks when the target is dynamic)."""
+
+    def layout(self, *args, **kwargs):
+        state = self.__dict__.get("_ropeserve")
+        if state is not None:
+            state.fill_draft(query_start_loc(args))
+        return original(self, *args, **kwargs)
+
+    layout._ropeserve = True
+    layout.__wrapped__ = original
+    return layout
 
 
 def layout_hook(original, batch):

@@ -133,10 +133,63 @@ def test_use_ubatching_is_true_for_a_ubatch_size_above_one_alone():
     assert not ParallelConfig(ubatch_size=1).use_ubatching
 
 
-def test_a_drafter_with_a_model_is_refused_and_ngram_is_not():
-    with pytest.raises(Exception, match="drafter.*eagle"):
-        _check(_worker(_runner(Model(_rotary())), spec=types.SimpleNamespace(method="eagle")))
-    _check(_worker(_runner(Model(_rotary())), spec=types.SimpleNamespace(method="ngram")))
+def _drafting(hook, drafter_model, drafter_cls=None, **worker):
+    """A worker whose runner (``hook``'s class) drafts with ``drafter_model``, as vLLM's V1 runner keeps it."""
+    runner = _runner(Model(_rotary()), hook.runner_class())
+    drafter = object.__new__(drafter_cls or hook.drafter.drafter_class())
+    drafter.model = drafter_model
+    setattr(runner, hook.drafter.attribute, drafter)
+    return _worker(runner, spec=types.SimpleNamespace(method="draft_model"), **worker), drafter
+
+
+def _drafter_hook():
+    hook = next((h for h in _hooks() if h.drafter is not None), None)
+    if hook is None:
+        pytest.skip("no runner of this vLLM runs a drafter with a model that the plugin hooks")
+    return hook
+
+
+def test_a_drafter_with_a_model_is_refused_on_a_runner_whose_drafters_are_not_hooked_and_ngram_is_not():
+    for hook in _hooks():
+        runner = _runner(Model(_rotary()), hook.runner_class())
+        _check(_worker(runner, spec=types.SimpleNamespace(method="ngram")))
+        if hook.drafter is None:
+            with pytest.raises(Exception, match="drafter \\(eagle\\) has a model.*does not lay out.*n-gram"):
+                _check(_worker(runner, spec=types.SimpleNamespace(method="eagle")))
+
+
+def test_a_drafter_with_the_targets_parameters_shares_its_offsets():
+    hook = _drafter_hook()
+    own = _rotary({**DYNAMIC, "rope_theta": 1e6})  # a layer of its own; the other is the target's (memoized)
+    worker, drafter = _drafting(hook, Model(_rotary(), own))
+    _check(worker)
+    state = worker.model_runner._ropeserve
+    assert drafter._ropeserve is state and state.modules == [_rotary(), own]
+    assert own.token_offsets is state.buffer
+
+
+@pytest.mark.parametrize("rope, message", [
+    ({"rope_type": "default", "rope_theta": 10000.0}, "has plain RoPE only"),
+    ({**DYNAMIC, "factor": 8.0}, "scales RoPE as .*factor=8.*the target as .*factor=4"),
+], ids=["plain", "another-factor"])
+def test_a_drafter_at_another_scale_is_refused(rope, message):
+    worker, _ = _drafting(_drafter_hook(), Model(_rotary(rope)))
+    with pytest.raises(Exception, match=f"{message}.*target's rope_parameters"):
+        _check(worker)
+
+
+def test_a_drafter_that_lays_out_its_passes_its_own_way_is_refused():
+    hook = _drafter_hook()
+    Custom = type("Custom", (hook.drafter.drafter_class(),), {hook.drafter.method: lambda self, *args: None})
+    worker, _ = _drafting(hook, Model(_rotary()), Custom)
+    with pytest.raises(Exception, match=f"Custom lays out its passes without {hook.drafter.method}"):
+        _check(worker)
+
+
+def test_a_drafter_with_growth_by_rerotation_is_refused():
+    worker, _ = _drafting(_drafter_hook(), Model(_rotary()), growth="rerotate")
+    with pytest.raises(Exception, match="'rerotate'.*drafter \\(draft_model\\) keeps cached keys"):
+        _check(worker)
 
 
 def test_rerotate_off_cpu_or_off_the_v1_runner_is_refused_at_start_up():

@@ -56,6 +56,35 @@ def test_fill_writes_each_tokens_row_offset_in_batch_order(state):
     assert all(m.token_offsets is state.buffer for m in state.modules)  # both modules read it
 
 
+def test_a_drafter_pass_gets_its_own_layouts_offsets_in_the_steps_request_order(state):
+    """A draft model's first pass runs one more token per request than the target, its next passes one token
+    per request: each pass's offsets follow its ``query_start_loc``, at each request's factor."""
+    rows = SCALING.max_context
+    state.apply(None, _step({"a": 1.0, "b": 4.0, "c": 2.0}))
+    state.fill(["b", "a", "c"], np.array([3, 2, 1]), np.zeros(3, dtype=np.int64))
+    state.fill_draft(torch.tensor([0, 4, 7, 9], dtype=torch.int32))
+    assert state.buffer[:9].tolist() == [2 * rows] * 4 + [0] * 3 + [rows] * 2
+    state.fill_draft(np.array([0, 1, 2, 3]))
+    assert state.buffer[:3].tolist() == [2 * rows, 0, rows]
+
+
+def test_a_drafter_pass_over_other_requests_than_the_steps_stops(state):
+    from rope_ext.vllm_plugin.runner import MissingFactorError
+
+    state.apply(None, _step({"a": 1.0, "b": 4.0}))
+    state.fill(["b", "a"], np.array([1, 1]), np.zeros(2, dtype=np.int64))
+    with pytest.raises(MissingFactorError, match="drafter pass lays out 3 requests and the step scheduled 2"):
+        state.fill_draft(np.array([0, 1, 2, 3]))
+
+
+def test_a_warm_up_steps_drafts_read_plain_rows(state):
+    state.apply(None, _step({"a": 4.0}))
+    state.fill(["a"], np.array([5]), np.zeros(1, dtype=np.int64))
+    state.fill_plain(8)  # vLLM's own warm-up step after it
+    state.fill_draft(np.array([0, 4, 8]))
+    assert state.buffer[:8].tolist() == [0] * 8
+
+
 def test_factors_are_kept_until_the_request_finishes(state):
     state.apply(None, _step({"a": 2.0}))
     state.apply(None, _step({}))  # later steps carry no news about "a"

@@ -137,7 +137,9 @@ def _mrope_processor():
 
 
 def variant(folder: Path, dest: Path, text_rope_parameters: dict[str, Any], max_position_embeddings: int) -> Path:
-    """``folder``'s model (its files linked, not copied) with other RoPE parameters in its text config."""
+    """``folder``'s model (its files linked, not copied) with other RoPE parameters in its text config (the
+    config itself for a text-only model): for engines that read the file, not ``hf_overrides`` (a
+    speculative draft model's config, a multimodal model's text config)."""
     if not (dest / "config.json").exists():
         dest.mkdir(parents=True, exist_ok=True)
         for file in folder.iterdir():
@@ -145,8 +147,8 @@ def variant(folder: Path, dest: Path, text_rope_parameters: dict[str, Any], max_
                 (dest / file.name).unlink(missing_ok=True)
                 (dest / file.name).hardlink_to(file)
         config = json.loads((folder / "config.json").read_text())
-        config["text_config"].update(rope_parameters=text_rope_parameters,
-                                     max_position_embeddings=max_position_embeddings)
+        config.get("text_config", config).update(rope_parameters=text_rope_parameters,
+                                                 max_position_embeddings=max_position_embeddings)
         (dest / "config.json").write_text(json.dumps(config, indent=2))
     return dest
 
