@@ -26,6 +26,10 @@ DeltaNet (linear attention, no RoPE) and gated full-attention layers alternating
 a partial rotary dimension (a quarter of the head, as the real models), MoE MLPs with a shared expert. vLLM
 CPU's Gated DeltaNet runs in bfloat16 only, so it is tested in bfloat16 (``test_engine_hybrid.py``).
 
+:func:`eagle_pair` gives a Mistral target and an EAGLE drafter (vLLM's ``EagleLlamaForCausalLM``) made of the
+target's own layers, which drafts what the target computes (so speculative acceptance measures whether the
+drafter rotates at the target's scale).
+
 :func:`rope_parameters` gives the ``hf_overrides`` that make one dynamic, or static YaRN (the oracle), in
 each architecture's own layout.
 """
@@ -134,6 +138,46 @@ def _mrope_processor():
         extra_special_tokens={"image_token": "<|IMAGE_PLACEHOLDER|>"})
     images = PaddleOCRVLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
     return transformers.PaddleOCRVLProcessor(image_processor=images, tokenizer=tokenizer)
+
+
+def eagle_pair(root: Path) -> tuple[Path, Path]:
+    """A tiny Mistral target and its EAGLE drafter, in ``root`` (built once).
+
+    vLLM's EAGLE-1 drafter computes ``fc([embed(token), target_hidden])``, then its decoder layers (the first
+    without an input norm), and reads the logits from the last hidden state without a final norm. With ``fc``
+    passing the embedding through, the target's layers copied, and a target whose embeddings have unit RMS
+    and whose first input norm and final norm weigh 1 (so those norms are a positive scale, which moves no
+    argmax), the drafter computes the target's own next token, one position shifted (EAGLE drafts token
+    ``t + 1`` at position ``t``; RoPE is relative), without the first token. Greedy drafts are then accepted
+    as long as the drafter's rotary embedding is the target's, at the request's scale."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    target, eagle = root / "eagle-target", root / "eagle"
+    if (eagle / "config.json").exists():
+        return target, eagle
+    base = build("MistralForCausalLM", root / "mistral")
+    weights = load_file(str(base / "model.safetensors"))
+    embed = weights["model.embed_tokens.weight"]
+    weights["model.embed_tokens.weight"] = (embed / embed.pow(2).mean(-1, keepdim=True).sqrt()).contiguous()
+    for norm in ("model.layers.0.input_layernorm.weight", "model.norm.weight"):
+        weights[norm] = torch.ones_like(weights[norm])
+    config = json.loads((base / "config.json").read_text())
+    target.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(target / "model.safetensors"))
+    (target / "config.json").write_text(json.dumps(config, indent=2))
+    hidden = embed.shape[1]
+    drafter = {name.removeprefix("model."): w for name, w in weights.items()
+               if name.startswith("model.layers.") and name != "model.layers.0.input_layernorm.weight"}
+    drafter["fc.weight"] = torch.cat([torch.eye(hidden), torch.zeros(hidden, hidden)], dim=1).contiguous()
+    tmp = eagle.with_name(eagle.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(drafter, str(tmp / "model.safetensors"))
+    config.update(architectures=["EagleLlamaForCausalLM"], model_type="llama")
+    config.pop("sliding_window", None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    tmp.rename(eagle)
+    return target, eagle
 
 
 def variant(folder: Path, dest: Path, text_rope_parameters: dict[str, Any], max_position_embeddings: int) -> Path:
