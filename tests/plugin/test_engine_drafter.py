@@ -10,8 +10,10 @@ The target is the tiny Mistral of :func:`tests.plugin.tiny_models.eagle_pair`, t
 greedy, float32, compiled; two drafters, one engine each:
 
 - ``draft_model``: the target itself. A draft is accepted exactly when the drafter computes what the target
-  computes, at the request's scale: every draft token of every request is accepted, alone and in a batch
-  mixing factors 1 and 2.
+  computes, at the request's scale: every draft token of every request is accepted, alone, in a batch
+  mixing factors 1 and 2, and through growth: a request that starts at factor 1 and generates past L is
+  recomputed at the next bucket, the drafter's cached keys with it (they are the request's blocks), so its
+  drafts stay accepted after the crossing.
 - ``eagle`` (vLLM's ``EagleProposer``, which MTP drafters use too): an EAGLE-1 drafter built from the target's
   own layers (it drafts the target's next token, one position shifted). Each request's acceptance (draft
   tokens, accepted tokens) equals stock vLLM's with the same drafter at the request's scale: plain RoPE short,
@@ -61,6 +63,7 @@ def _tokens(seed: str, n: int) -> list[int]:
 # need factor 2 (over 1.41 x 256 = 362 tokens).
 SHORT, SHORT_B = (Request(prompt_token_ids=_tokens(s, n), max_tokens=NEW_TOKENS) for s, n in (("a", 100), ("b", 60)))
 LONG, LONG_B = (Request(prompt_token_ids=_tokens(s, n), max_tokens=NEW_TOKENS) for s, n in (("c", 400), ("d", 380)))
+GROW = Request(prompt_token_ids=_tokens("e", 240), max_tokens=40)  # starts at factor 1, crosses L at its 17th token
 ALONE = [SHORT, LONG]
 MIXED = [dataclasses.replace(r, cache_salt="mixed") for r in (SHORT, LONG, SHORT_B, LONG_B)]
 
@@ -82,7 +85,8 @@ def _drafters_hooked() -> bool:
     return any(hook.drafter is not None for hook in adapter().RUNNERS)
 
 
-ROPES = {"dynamic": ("dynamic_yarn", 2.0), "yarn2": ("yarn", 2.0)}
+LOOK_AHEAD = 8  # generation_reserve: a prompt fits factor 1 while it and its next 8 tokens do
+ROPES = {"dynamic": ("dynamic_yarn", 2.0, {"generation_reserve": LOOK_AHEAD}), "yarn2": ("yarn", 2.0, {})}
 PLAIN = {"rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0}, "max_position_embeddings": MAX_MODEL_LEN}
 
 
@@ -94,7 +98,7 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("drafter")
     folders = {}
     for role, base in zip(("target", "eagle"), eagle_pair(root), strict=True):
-        for name, params in {"plain": PLAIN, **{k: rope_parameters(ARCH, *v) for k, v in ROPES.items()}}.items():
+        for name, params in {"plain": PLAIN, **{k: rope_parameters(ARCH, t, f, **x) for k, (t, f, x) in ROPES.items()}}.items():
             folders[role, name] = str(variant(base, root / f"{role}-{name}", params["rope_parameters"],
                                               params["max_position_embeddings"]))
     return folders
@@ -103,9 +107,11 @@ def folders(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(folders):
     def plugin():
-        return {method: run_offline(_spec(folders["target", "dynamic"], 0, method, folders[drafter, "dynamic"]),
-                                    [ALONE, MIXED], timeout=1200)
-                for method, drafter in (("draft_model", "target"), ("eagle", "eagle"))}
+        target = folders["target", "dynamic"]
+        draft, counters = run_offline(_spec(target, 0, "draft_model", target), [ALONE, MIXED, [GROW]], timeout=1200,
+                                      counters=True)
+        eagle = run_offline(_spec(target, 0, "eagle", folders["eagle", "dynamic"]), [ALONE, MIXED], timeout=1200)
+        return {"draft_model": draft, "eagle": eagle}, counters
 
     def stock():
         return {scale: run_offline(_spec(folders["target", scale], 1, "eagle", folders["eagle", scale]),
@@ -114,11 +120,13 @@ def runs(folders):
 
     with ThreadPoolExecutor(2) as pool:
         plugin, stock = pool.submit(plugin), pool.submit(stock)
-        plugin, stock = plugin.result(), stock.result()
+        (plugin, counters), stock = plugin.result(), stock.result()
+    grown = plugin["draft_model"].pop()[0]
     # each request's oracle: stock at its scale, alone (the short ones plain, the long ones static YaRN x2)
     oracle = [stock[scale][i][0] for i, scale in enumerate(("plain", "yarn2", "plain", "yarn2"))]
     return {"plugin": {method: {"alone": alone, "mixed": mixed} for method, (alone, mixed) in plugin.items()},
-            "stock": {"alone": oracle[:2], "mixed": oracle}, "unscaled long": stock["plain"][1][0]}
+            "stock": {"alone": oracle[:2], "mixed": oracle}, "unscaled long": stock["plain"][1][0],
+            "grown": grown, "counters": counters}
 
 
 def _assert_same_generation(result, oracle) -> None:
@@ -138,6 +146,15 @@ GROUPS = ["alone", "mixed"]
 def test_a_draft_model_equal_to_the_target_has_every_draft_accepted(runs, group):
     for result in runs["plugin"]["draft_model"][group]:
         _assert_every_draft_accepted(result)
+
+
+def test_a_request_that_grows_past_l_keeps_every_draft_accepted(runs):
+    """Growth by recompute rebuilds the drafter's cached keys at the new scale too (the drafter's blocks are
+    the request's): a draft drafted against keys left at the old scale would be rejected."""
+    grown, counters = runs["grown"], runs["counters"]
+    assert len(grown.token_ids) == GROW.max_tokens and counters["grown"][1] == 1
+    assert counters["past"] == [0] * len(counters["past"])
+    _assert_every_draft_accepted(grown)
 
 
 @pytest.mark.parametrize("group", GROUPS)
