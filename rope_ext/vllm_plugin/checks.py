@@ -18,7 +18,7 @@ every request runs with plain RoPE. So when a worker loads a dynamic model (``Wo
   above 1, vLLM's ``use_ubatching``) slices a step into micro-batches that would read the first one's
   offsets;
 - a speculative drafter with a model (EAGLE, MTP, a draft model) runs only on a runner whose drafters the
-  adapter hooks (vLLM 0.32's V1 runner), with every one of its rotary modules the plugin's, at the target's
+  adapter hooks (vLLM 0.32's V1 runner; 0.34's V2 runner for EAGLE and MTP), with every one of its rotary modules the plugin's, at the target's
   scaling (so its passes rotate each request's tokens at that request's scale), and not with growth by
   re-rotation (the drafter's cached keys would keep their old scale); model-free drafters (n-gram, suffix)
   are fine everywhere;
@@ -100,7 +100,8 @@ def check_setup(worker):
     if spec is not None and spec.method not in MODEL_FREE_DRAFTERS:
         if hook.drafter is None:
             _refuse(f"the speculative drafter ({spec.method}) has a model, and the plugin does not lay out its passes' "
-                    f"offsets on {type(runner).__qualname__} (it does on vLLM 0.32's V1 runner)",
+                    f"offsets on {type(runner).__qualname__} (it does on vLLM 0.32's V1 runner and, for EAGLE and MTP, "
+                    "on vLLM 0.34's V2 runner)",
                     "Use a model-free drafter (n-gram, suffix) or no speculative decoding on this runner.")
         if scaling.growth == "rerotate":
             _refuse(f"growth 'rerotate' re-rotates the target's cached keys, and the speculative drafter "
@@ -224,6 +225,10 @@ def _check_drafter(runner, hook, scaling):
         _refuse(f"the speculative drafter {name} lays out its passes without {hook.drafter.method}, where the plugin "
                 "writes their offsets", "Use EAGLE, EAGLE-3, MTP or a draft model (vLLM's proposers that keep that "
                 "method), or a model-free drafter (n-gram, suffix).")
+    feature = hook.drafter.unsupported(drafter)
+    if feature is not None:
+        _refuse(f"the speculative drafter {name} runs with {feature}, which lays its passes out unlike the target's "
+                "step", f"Turn off {feature}, or use a model-free drafter (n-gram, suffix).")
     rotary = _rotary_modules(drafter.model, "drafter", change)
     plain = [m for _, m in drafter.model.named_modules() if m in PLAIN_ROTARY_MODULES]
     if plain and not rotary:

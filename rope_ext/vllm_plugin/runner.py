@@ -105,6 +105,14 @@ class RunnerRope:
         if self.staging is not None:
             self.buffer[:n].copy_(self.staging[:n], non_blocking=True)
 
+    def _write_again(self, per_token: np.ndarray) -> None:
+        """A second write in the same step (a drafter pass): on a device, the step's own copy from the
+        pinned staging may not have run yet, so this one comes from memory of its own and waits for it."""
+        if self.staging is None:
+            self._write(per_token)
+        else:
+            self.buffer[: per_token.shape[0]].copy_(torch.from_numpy(per_token))
+
     def forget(self, finished_req_ids) -> None:
         """Drop finished requests (every step, the ones without tokens included)."""
         for req_id in finished_req_ids:
@@ -135,12 +143,12 @@ class RunnerRope:
         ``query_start_loc`` (``num_requests + 1`` token boundaries; a CPU tensor or array)."""
         lengths = np.diff(np.asarray(query_start_loc, dtype=np.int64))
         if self.step_rows is None:  # a warm-up step's drafts: plain rows, like its target pass
-            self._write(np.zeros(int(lengths.sum()), dtype=np.int64))
+            self._write_again(np.zeros(int(lengths.sum()), dtype=np.int64))
             return
         if lengths.shape[0] != self.step_rows.shape[0]:
             raise MissingFactorError(f"a drafter pass lays out {lengths.shape[0]} requests and the step scheduled "
                                      f"{self.step_rows.shape[0]}: the drafted tokens' scales are unknown")
-        self._write(np.repeat(self.step_rows, lengths))
+        self._write_again(np.repeat(self.step_rows, lengths))
 
 
 def runner_state(runner) -> RunnerRope | None:
@@ -153,15 +161,18 @@ Batch = tuple[Sequence[str], np.ndarray, np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class DrafterHook:
-    """A speculative drafter class (with a model) and the method each of its passes calls with that pass's
-    layout first, ``method(common_attn_metadata, ...)``; the runner keeps the drafter as ``runner.<attribute>``
-    and the drafter its model as ``.model``. ``query_start_loc(args)`` reads the layout from the method's
-    positional arguments."""
+    """A speculative drafter class (with a model) and the method it calls before a pass whose layout is not
+    the target's; the runner keeps the drafter as ``runner.<attribute>`` and the drafter its model as
+    ``.model``. ``query_start_loc(args)`` reads the pass's layout (``num_requests + 1`` token boundaries, the
+    step's requests in batch order) from the method's positional arguments. A pass that runs without calling
+    the method must be laid out as the target's step (whose offsets are then in place). ``unsupported(drafter)``
+    names a feature of the drafter that lays its passes out otherwise (None: none)."""
 
     target: str  # "module:Class"
     method: str
     query_start_loc: Callable[[tuple], Any]
     attribute: str = "drafter"
+    unsupported: Callable[[Any], str | None] = lambda drafter: None
 
     def drafter_class(self) -> type:
         module, _, name = self.target.partition(":")
@@ -248,8 +259,9 @@ def _wrap_execute_model(cls: type) -> None:
 
 
 def _wrap_draft_layout(hook: DrafterHook) -> None:
+    """Wrap the method on the hook's class (also when it inherits it: sibling classes stay unhooked)."""
     cls = hook.drafter_class()
-    original = cls.__dict__[hook.method]
+    original = getattr(cls, hook.method)
     if not getattr(original, "_ropeserve", False):
         setattr(cls, hook.method, draft_layout_hook(original, hook.query_start_loc))
 

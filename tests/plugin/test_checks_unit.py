@@ -136,7 +136,10 @@ def test_use_ubatching_is_true_for_a_ubatch_size_above_one_alone():
 def _drafting(hook, drafter_model, drafter_cls=None, **worker):
     """A worker whose runner (``hook``'s class) drafts with ``drafter_model``, as vLLM's V1 runner keeps it."""
     runner = _runner(Model(_rotary()), hook.runner_class())
-    drafter = object.__new__(drafter_cls or hook.drafter.drafter_class())
+    cls = drafter_cls or hook.drafter.drafter_class()
+    if getattr(cls, "__abstractmethods__", None):  # vLLM 0.34's base speculator: its abstract loader stubbed
+        cls = type(cls.__name__, (cls,), dict.fromkeys(cls.__abstractmethods__, lambda self, *args: None))
+    drafter = object.__new__(cls)
     drafter.model = drafter_model
     setattr(runner, hook.drafter.attribute, drafter)
     return _worker(runner, spec=types.SimpleNamespace(method="draft_model"), **worker), drafter
@@ -183,6 +186,19 @@ def test_a_drafter_that_lays_out_its_passes_its_own_way_is_refused():
     Custom = type("Custom", (hook.drafter.drafter_class(),), {hook.drafter.method: lambda self, *args: None})
     worker, _ = _drafting(hook, Model(_rotary()), Custom)
     with pytest.raises(Exception, match=f"Custom lays out its passes without {hook.drafter.method}"):
+        _check(worker)
+
+
+def test_a_drafter_that_lays_out_its_passes_unlike_the_target_is_refused():
+    """vLLM 0.34's V2 EAGLE/MTP speculator with prefill context parallelism: its draft prefill is not the
+    target's step."""
+    hook = _drafter_hook()
+    worker, drafter = _drafting(hook, Model(_rotary()))
+    drafter.pcp_manager = object()
+    feature = hook.drafter.unsupported(drafter)
+    if feature is None:
+        pytest.skip("this vLLM's drafter hook has no feature to refuse")
+    with pytest.raises(Exception, match=f"runs with {feature}.*Turn off {feature}"):
         _check(worker)
 
 

@@ -4,8 +4,9 @@ The V2 ``GPUModelRunner`` (the CUDA default of vLLM 0.32 to 0.34) cannot run on 
 needs Triton with a GPU or CPU backend), so its hook is tested here against its real types: the layout
 hook reads vLLM's own ``InputBatch`` (the V2 one, and the standalone CPU runner's on 0.34), in batch
 order, and writes each token's row offset; a step with no scheduled tokens, which never reaches the layout
-method, still drops the finished requests. The V1 runner and the standalone CPU runner also run in the
-real-engine tests.
+method, still drops the finished requests. On vLLM 0.34 its EAGLE and MTP speculators are hooked too: the
+real speculator class writes one offset per request before vLLM lays out its draft decode passes. The V1
+runner (and its drafters) and the standalone CPU runner also run in the real-engine tests.
 """
 
 from __future__ import annotations
@@ -118,3 +119,59 @@ def test_a_step_without_tokens_drops_the_finished_requests(runner):
     execute_model(runner, empty)
     assert calls == [empty]
     assert runner._ropeserve.bucket_of == {}  # before: kept until the next step with tokens, or forever
+
+
+def _v2_drafter_hook():
+    from rope_ext.vllm_plugin.versions import adapter
+
+    hook = next((h.drafter for h in adapter().RUNNERS if h.drafter is not None and h.drafter.attribute == "speculator"),
+                None)
+    if hook is None:
+        pytest.skip("this vLLM's V2 runner has no drafter hook (vLLM 0.32's V2 drafters are refused)")
+    return hook
+
+
+def test_the_v2_eagle_and_mtp_speculators_are_hooked_and_the_draft_model_one_is_not():
+    """vLLM 0.34's V2 runner: EAGLE and MTP (TargetDependentARSpeculator) inherit the hooked multi-step decode;
+    its sibling, the separate draft model's StandaloneARSpeculator, does not (refused at start-up)."""
+    from vllm.v1.worker.gpu.spec_decode.eagle.speculator import EagleSpeculator
+    from vllm.v1.worker.gpu.spec_decode.mtp.speculator import MTPSpeculator
+    from vllm.v1.worker.gpu.spec_decode.standalone_ar.speculator import StandaloneARSpeculator
+
+    from rope_ext.vllm_plugin import register
+
+    hook = _v2_drafter_hook()
+    register()
+    for cls in (EagleSpeculator, MTPSpeculator):
+        assert getattr(cls, hook.method)._ropeserve
+    assert not getattr(getattr(StandaloneARSpeculator, hook.method), "_ropeserve", False)
+
+
+def test_the_v2_draft_decode_passes_read_one_offset_per_request_before_vllm_lays_them_out(runner):
+    """The draft prefill runs on the target's step (its offsets are in place); before the multi-step decode
+    lays out one token per request, the hook writes each request's row offset, in the step's order. vLLM's
+    own method is called (its first access to the drafter stops it here: no GPU)."""
+    from vllm.v1.worker.gpu.spec_decode.eagle.speculator import EagleSpeculator
+
+    from rope_ext.vllm_plugin import register
+
+    hook = _v2_drafter_hook()
+    register()
+    state = runner._ropeserve
+    state.apply(None, _scheduler_output({"a": 1.0, "b": 4.0, "c": 2.0}))
+    state.fill(["b", "a", "c"], np.array([4, 4, 1]), np.zeros(3, dtype=np.int64))  # the target's step: 9 tokens
+    seen = []
+
+    class Reached(Exception):
+        pass
+
+    def first_call(dp_sync_state, num_reqs):
+        seen.append(state.buffer[:num_reqs].tolist())
+        raise Reached
+
+    speculator = object.__new__(EagleSpeculator)
+    speculator._ropeserve = state
+    speculator._build_uniform_batch_dp_sync = first_call
+    with pytest.raises(Reached):
+        getattr(speculator, hook.method)(object(), None, 3, False, types.SimpleNamespace(num_reqs=3), None, False, 3)
+    assert seen == [[2 * ROWS, 0, ROWS]]

@@ -7,14 +7,30 @@ its CPU subclass (``vllm/v1/worker/cpu/model_runner.py``) inherits it. Without T
 runs ``vllm/v1/worker/cpu/standalone_model_runner.py`` (upstream's runner for non-x86 CPUs, and the
 one on the x86 test bed), whose ``prepare_inputs(scheduler_output, batch_req_state)`` returns an
 ``InputBatch`` with the same fields. Neither keeps V1's request states: growth by re-rotation is refused.
+
+Speculative drafters: the standalone CPU runner has none (``get_draft_model`` returns None). The V2 runner
+keeps one as ``runner.speculator`` (``vllm/v1/worker/gpu/spec_decode/``). EAGLE and MTP
+(``TargetDependentARSpeculator``: ``EagleSpeculator``, ``MTPSpeculator``) run their first pass, the draft
+prefill, on the target's step as it is ("we maintain the size of input_ids and hidden_states the same as the
+target model's ... reuse the attention metadata": the target's offsets are in place), then
+``_run_multi_step_decode(input_batch, num_rejected, num_reqs, ...)``: one token per request, the step's
+requests in order, for every further pass (CUDA graphs read the offsets buffer in place). So the drafter
+hook writes one offset per request there. Prefill context parallelism (``pcp_manager``) lays the draft
+prefill out otherwise: refused. The other speculators (draft model, DFlash, multi-module MTP) are not hooked.
+Read, not run: the V2 runner needs Triton with a GPU.
 """
 
 from __future__ import annotations
 
 from rope_ext.vllm_plugin.compat import Internal
+import dataclasses
+
+import numpy as np
+
 from rope_ext.vllm_plugin.runner import (
     V2_INTERNALS,
     V2_RUNNER,
+    DrafterHook,
     RunnerHook,
     read_input_batch,
 )
@@ -24,7 +40,14 @@ VERSIONS = ("0.34.0",)
 STANDALONE_CPU_RUNNER = RunnerHook("vllm.v1.worker.cpu.standalone_model_runner:StandaloneCPUModelRunner",
                                    "prepare_inputs", read_input_batch)
 
-RUNNERS = (V2_RUNNER, STANDALONE_CPU_RUNNER)
+SPECULATOR = "vllm.v1.worker.gpu.spec_decode"
+V2_DRAFTER = DrafterHook(
+    f"{SPECULATOR}.target_dependent_ar.speculator:TargetDependentARSpeculator", "_run_multi_step_decode",
+    lambda args: np.arange(args[2] + 1), attribute="speculator",
+    unsupported=lambda drafter: ("prefill context parallelism" if getattr(drafter, "pcp_manager", None) is not None
+                                 else None))
+
+RUNNERS = (dataclasses.replace(V2_RUNNER, drafter=V2_DRAFTER), STANDALONE_CPU_RUNNER)
 
 INTERNALS: tuple[Internal, ...] = (
     *V2_INTERNALS,
@@ -38,6 +61,15 @@ INTERNALS: tuple[Internal, ...] = (
              attrs=("device",)),
     Internal("vllm.v1.worker.cpu.input_batch:InputBatch", "the step's requests, counts and computed tokens",
              fields=("req_ids", "num_scheduled_tokens", "num_computed_tokens_np")),
+    Internal("vllm.v1.worker.gpu.model_runner:GPUModelRunner.__init__", "the speculative drafter",
+             attrs=("speculator",)),
+    Internal(f"{SPECULATOR}.autoregressive.speculator:AutoRegressiveSpeculator._run_multi_step_decode",
+             "patched (on TargetDependentARSpeculator): the draft decode passes' offsets, one token a request",
+             params=("input_batch", "num_rejected", "num_reqs")),
+    Internal(f"{SPECULATOR}.target_dependent_ar.speculator:TargetDependentARSpeculator.propose",
+             "the draft prefill on the target's layout, then the multi-step decode; prefill context parallelism",
+             attrs=("_prefill", "_run_multi_step_decode", "pcp_manager")),
+    Internal(f"{SPECULATOR}.speculator:DraftModelSpeculator.load_model", "the drafter's model", attrs=("model",)),
     Internal("vllm.v1.engine:EngineCoreRequest", "precomputed block hashes are recomputed under the salt",
              fields=("block_hashes",)),
     Internal("vllm.config:VllmConfig.compile_factors", "the compile cache key (additional_config in it)"),
