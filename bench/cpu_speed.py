@@ -11,6 +11,9 @@ client:
 - ``after, both cores``: the same with the worker's OpenMP threads bound to every core
   (``VLLM_CPU_OMP_THREADS_BIND=0-1`` on two cores) instead of vLLM's default (``auto``: on x86 one core is
   left to the other processes: the gateway, vLLM's API server and its engine core's loop);
+- ``after, no health checks``: ``after`` with the gateway's health checks of its engine (``GET /health``
+  and ``/metrics`` every ``health_interval_s``, 2 s) an hour apart: what they cost the engine (a diagnosis,
+  not a set-up to run);
 - ``stock vLLM``: vLLM's OpenAI server with static YaRN x8 (what a user of stock vLLM runs for a 64k
   context) and its best flags for this CPU: compiled, the dtype this CPU runs fastest and the worker's cores
   as ``after`` chooses them (:mod:`server.cpu_cores`: every core of a small machine, where vLLM's own default
@@ -37,7 +40,8 @@ With ``--rounds N`` the engines run N times in turn (A B A B ...), each keeping 
 ``after`` is started cold once, in the first round); every round's table is printed, then the medians.
 
 Printed: one row per measure, one column per engine, and the ratios after/before, after/stock vLLM and
-llama.cpp/after (rates: above 1 the first is faster; start-up and TTFT are times, below 1 is faster).
+llama.cpp/after, quiet/after and quiet/stock (rates: above 1 the first is faster; start-up and TTFT are
+times, below 1 is faster).
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ from server.default_model import MODEL_NAME, gguf_path, prepare  # noqa: E402
 from server.engine_process import EngineProcess, free_port  # noqa: E402
 
 L, FACTOR, THETA = 8192, 8, 100000.0
-GATEWAYS = ("before", "after", "after, both cores")  # `ropeserve serve`, the passkey route included
+GATEWAYS = ("before", "after", "after, both cores", "after, no health checks")  # `ropeserve serve`, the passkey route included
 ENGINES = (*GATEWAYS, "stock vLLM", "llama.cpp")
 BOTH_CORES = f"0-{os.cpu_count() - 1}"
 LLAMA_VENV = REPO / ".venv-llama"
@@ -88,6 +92,8 @@ def engine(name: str, *, model_dir: Path, dtype: str, cache: Path, log: IO[bytes
             env |= {"ROPESERVE_ENGINE_DTYPE": "bfloat16", "VLLM_DISABLE_COMPILE_CACHE": "1"}
         if name == "after, both cores":
             env["VLLM_CPU_OMP_THREADS_BIND"] = BOTH_CORES
+        if name == "after, no health checks":  # the gateway's checks of its engine (/health, /metrics) an hour apart
+            env["ROPESERVE_HEALTH_INTERVAL_S"] = "3600"
         engine_port = free_port()
         engine_url = f"http://127.0.0.1:{engine_port}"
         command = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--engine-port",
@@ -224,7 +230,8 @@ def table(rows: dict[str, dict[str, float]]) -> str:
     names = list(rows)
     keys = list(dict.fromkeys(k for row in rows.values() for k in row))
     ratios = [("after/before", "after", "before"), ("both/after", "after, both cores", "after"),
-              ("after/stock", "after", "stock vLLM"),
+              ("after/stock", "after", "stock vLLM"), ("quiet/after", "after, no health checks", "after"),
+              ("quiet/stock", "after, no health checks", "stock vLLM"),
               ("llama.cpp/after", "llama.cpp", "after")]
     ratios = [r for r in ratios if r[1] in rows and r[2] in rows]
     lines = [f"{'':24}" + "".join(f"{n:>14}" for n in names) + "".join(f"{r[0]:>17}" for r in ratios)]
