@@ -76,6 +76,9 @@ class GatewaySettings(BaseSettings):
         default_factory=list, description="Base URLs of running vLLM engines with the rope plugin "
         "(comma-separated). Empty: embedded mode, the gateway starts one local engine itself.")
     health_interval_s: float = Field(2.0, gt=0, description="Seconds between health checks of each engine.")
+    evidence_interval_s: float = Field(
+        30.0, gt=0, description="Seconds between readings of each engine's rope evidence (its /metrics), "
+        "within the health checks; an engine that (re)joins is always read.")
     health_timeout_s: float = Field(2.0, gt=0, description="Timeout of one engine health check (GET /health).")
     eject_after_failures: int = Field(
         2, ge=1, description="Consecutive failed health checks after which an engine is taken out of "

@@ -7,10 +7,13 @@ refused connection while forwarding takes it out at once (the request then tries
 reached the refused one). One passing check puts it back, once its ``/v1/models`` confirms it serves the
 gateway's model at the gateway's maximum context, so gateway and engine agree on the context.
 
-Every check also reads the engine's ``/metrics`` for the rope plugin's evidence (:func:`rope_evidence`):
-an engine without the plugin's metrics is misconfigured (it would serve every request with plain RoPE),
-and one whose scheduler reports tokens at scaled factors while its workers report none computed fails
-the check (the plugin's hook is not applied), so it leaves rotation like an engine that fails ``/health``::
+A check also reads the engine's ``/metrics`` for the rope plugin's evidence (:func:`rope_evidence`) when the
+engine joins and then every ``evidence_interval_s`` (30 s: the evidence moves slowly, and scraping vLLM's
+/metrics every 2 s cost a fifth of the gateway's decode throughput at 16 running requests on a 2-core
+machine, ``bench/cpu_speed.py``): an engine without the plugin's metrics is misconfigured (it would serve
+every request with plain RoPE), and one whose scheduler reports tokens at scaled factors while its workers
+report none computed fails the check (the plugin's hook is not applied), so it leaves rotation like an
+engine that fails ``/health``::
 
     pool = EnginePool.from_settings(settings)
     await pool.start()
@@ -51,6 +54,7 @@ class Engine:
     failures: int = 0
     last_error: str | None = "not checked yet"
     last_check: float | None = None
+    last_evidence: float | None = None  # when the check last read the rope plugin's evidence
     last_pick: int = 0
 
     @property
@@ -79,7 +83,7 @@ class Lease:
 
 class EnginePool:
     def __init__(self, urls: list[str], *, model: str, max_model_len: int, health_interval_s: float = 2.0,
-                 health_timeout_s: float = 2.0, eject_after_failures: int = 2,
+                 evidence_interval_s: float = 30.0, health_timeout_s: float = 2.0, eject_after_failures: int = 2,
                  timeout: httpx.Timeout | None = None,
                  transports: Mapping[str, httpx.AsyncBaseTransport] | None = None) -> None:
         if not urls:
@@ -88,6 +92,7 @@ class EnginePool:
         self.model = model
         self.max_model_len = max_model_len
         self.health_interval_s = health_interval_s
+        self.evidence_interval_s = evidence_interval_s
         self.health_timeout_s = health_timeout_s
         self.eject_after_failures = eject_after_failures
         timeout = timeout or httpx.Timeout(600.0, connect=5.0)
@@ -106,6 +111,7 @@ class EnginePool:
             model=settings.served_model_name,
             max_model_len=settings.rope_scaling().max_context,
             health_interval_s=settings.health_interval_s,
+            evidence_interval_s=settings.evidence_interval_s,
             health_timeout_s=settings.health_timeout_s,
             eject_after_failures=settings.eject_after_failures,
             timeout=httpx.Timeout(settings.request_timeout_s, connect=settings.connect_timeout_s),
@@ -144,15 +150,18 @@ class EnginePool:
         await asyncio.gather(*(self.check(engine) for engine in self.engines))
 
     async def check(self, engine: Engine) -> bool:
-        """One health check: ``GET /health``, plus ``GET /v1/models`` when the engine (re)joins."""
-        engine.last_check = time.time()
+        """One health check: ``GET /health``, plus ``GET /v1/models`` when the engine (re)joins, and its rope
+        evidence (``GET /metrics``) when it (re)joins or the last reading is ``evidence_interval_s`` old."""
+        now = engine.last_check = time.time()
         try:
             response = await engine.client.get("/health", timeout=self.health_timeout_s)
             if response.status_code != 200:
                 raise _CheckFailed(f"GET /health answered {response.status_code}")
             if not engine.healthy:
                 await self._verify_model(engine)
-            await self._verify_rope(engine)
+            if not engine.healthy or engine.last_evidence is None or now - engine.last_evidence >= self.evidence_interval_s:
+                await self._verify_rope(engine)
+                engine.last_evidence = now
         except _Misconfigured as exc:
             if engine.state != "misconfigured":
                 logger.error("engine %s is misconfigured and stays out of rotation: %s", engine.url, exc)

@@ -96,6 +96,7 @@ class FakeEngine:
         self.requests: list[tuple[str, dict[str, Any]]] = []
         self.factors: list[float] = []
         self.tokenize_calls = 0
+        self.metrics_reads = 0
         self.health_checks = 0
         self.in_flight = 0
         self.max_in_flight = 0
@@ -152,6 +153,7 @@ class FakeEngine:
 
         @app.get("/metrics")
         async def metrics() -> PlainTextResponse:
+            engine.metrics_reads += 1
             text = (f"vllm:num_requests_running {engine.in_flight}\n"
                     f"fake:requests_aborted_total {engine.requests_aborted}\n"
                     f"fake:streams_cancelled_total {engine.streams_cancelled}\n")

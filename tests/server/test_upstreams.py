@@ -176,7 +176,7 @@ async def test_an_engine_that_schedules_scaled_tokens_but_computes_none_leaves_r
     """The plugin's hook broken on purpose: scaled requests run, but nothing is computed at their factor."""
     engine = FakeEngine()
     urls = fake_urls(1)
-    pool = EnginePool(urls, model=MODEL, max_model_len=65536, eject_after_failures=2,
+    pool = EnginePool(urls, model=MODEL, max_model_len=65536, eject_after_failures=2, evidence_interval_s=0,
                       transports={urls[0]: engine.transport()})
     await pool.check_all()
     assert pool.ready
@@ -193,6 +193,28 @@ async def test_an_engine_that_schedules_scaled_tokens_but_computes_none_leaves_r
     engine.rope_computed.update(engine.rope_scheduled)
     await pool.check_all()
     assert pool.ready
+    await pool.close()
+
+
+async def test_the_rope_evidence_is_read_when_an_engine_joins_then_every_evidence_interval() -> None:
+    """/health every check; /metrics (vLLM renders all of its metrics) at the join, then once the last reading
+    is evidence_interval_s old, and at every check while a reading fails."""
+    engine = FakeEngine()
+    urls = fake_urls(1)
+    pool = EnginePool(urls, model=MODEL, max_model_len=65536, evidence_interval_s=3600,
+                      transports={urls[0]: engine.transport()})
+    await pool.check_all()
+    await pool.check_all()
+    assert pool.ready and engine.metrics_reads == 1
+    pool.engines[0].last_evidence -= 3600
+    await pool.check_all()
+    assert engine.metrics_reads == 2
+    engine.rope_plugin_missing = True  # a reading that fails: read again at the next check, not an hour later
+    pool.engines[0].last_evidence -= 3600
+    await pool.check_all()
+    engine.rope_plugin_missing = False
+    await pool.check_all()
+    assert engine.metrics_reads == 4
     await pool.close()
 
 
