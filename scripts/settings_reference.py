@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Print the gateway's settings reference as a markdown table (one row per GatewaySettings field).
 
-docs/gateway.md includes this output verbatim; tests/server/test_settings.py fails when it is stale::
+docs/gateway.md and README.md include this output verbatim; tests/server/test_settings.py fails when one is stale::
 
     .venv/bin/python scripts/settings_reference.py
 """
