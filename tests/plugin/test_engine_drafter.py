@@ -29,9 +29,10 @@ runs several tokens a request: other matrix shapes).
 And a drafter whose checkpoint has plain RoPE, next to a dynamic target, is refused at start-up: its drafts
 past the original context would be rotated unscaled.
 
-vLLM 0.34's CPU runner has no drafters (``StandaloneCPUModelRunner.get_draft_model`` returns None), and the
-plugin refuses drafters with a model on the runners whose passes it does not lay out
-(test_checks_unit.py): the module runs where the installed vLLM's runners have a drafter hook.
+vLLM 0.34's CPU worker without Triton (this test bed) builds the standalone CPU runner, which has no drafters
+(vLLM refuses ``speculative_config`` there at config time), and the plugin refuses drafters with a model on
+the runners whose passes it does not lay out (test_checks_unit.py): the module runs where the runner this
+machine's worker builds has a drafter hook (0.34's V2 drafter hook is unit-tested, test_runner_hooks_unit.py).
 """
 
 from __future__ import annotations
@@ -79,9 +80,17 @@ def _spec(model: str, core: int, method: str | None = None, draft: str | None = 
                       extra=extra)
 
 
-def _drafters_hooked() -> bool:
+def _drafters_run_here() -> bool:
+    """This machine's worker builds a runner with a drafter hook. vLLM 0.34's CPU worker without Triton builds
+    the standalone CPU runner (``current_platform.uses_standalone_cpu_model_runner()``, 0.34 only), which has
+    no drafters: vLLM itself refuses speculative decoding there, before the plugin sees the model."""
+    from vllm.platforms import current_platform
+
     from rope_ext.vllm_plugin.versions import adapter
 
+    standalone = getattr(current_platform, "uses_standalone_cpu_model_runner", None)
+    if standalone is not None and standalone():
+        return False
     return any(hook.drafter is not None for hook in adapter().RUNNERS)
 
 
@@ -92,9 +101,9 @@ PLAIN = {"rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0}, "m
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    if not _drafters_hooked():
-        pytest.skip("no runner of this vLLM runs a drafter with a model that the plugin hooks (vLLM 0.34's CPU "
-                    "runner has no drafters)")
+    if not _drafters_run_here():
+        pytest.skip("this machine's runner has no drafter that the plugin hooks (vLLM 0.34's CPU runner without "
+                    "Triton refuses speculative decoding itself)")
     root = tmp_path_factory.mktemp("drafter")
     folders = {}
     for role, base in zip(("target", "eagle"), eagle_pair(root), strict=True):
