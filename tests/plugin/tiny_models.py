@@ -13,18 +13,23 @@ the same folder always holds the same weights. What each one exercises:
 - ``Qwen3MoeForCausalLM``: Qwen3's attention (q/k norms) with mixture-of-experts MLPs (4 experts, 2 per
   token; vLLM's fused MoE).
 
-:data:`MROPE` is ``PaddleOCRVLForConditionalGeneration``: a vision-language model whose language model (Ernie 4.5)
-takes multimodal rotary positions (mRoPE, ``[3, num_tokens]``, chunked sections 8/12/12 of a 64-wide head),
-the one mRoPE family whose vLLM model file loads without torchvision; its vision tower is one tiny SigLIP
-layer. It comes with a word-level tokenizer (``w6`` ... ``w511``, and the image markers) and transformers'
-PIL image processor, kept to small images, so prompts with images run through vLLM's and transformers' own
-processing. :func:`variant` gives it other text RoPE parameters over the same weights (transformers cannot
-build a dynamic rope type, so configs are written, not built).
+:data:`MROPES` are vision-language models whose language model takes multimodal rotary positions (mRoPE,
+``[3, num_tokens]``): ``PaddleOCRVLForConditionalGeneration`` (Ernie 4.5, chunked sections 8/12/12 of a 64-wide
+head; its vision tower one tiny SigLIP layer) and ``Qwen3VLForConditionalGeneration`` (Qwen3's text model,
+interleaved sections; a two-block vision tower with a deepstack feature). Each comes with a word-level
+tokenizer (``w7`` ... ``w511``, and the image markers) and the model's own transformers image processor, kept
+to small images, so prompts with images run through vLLM's and transformers' own processing. :func:`variant`
+gives them other text RoPE parameters over the same weights (transformers cannot build a dynamic rope type, so
+configs are written, not built).
 
-:data:`HYBRID` is ``Qwen3NextForCausalLM``, the hybrid layout of Qwen3-Next and Qwen3.5's text model: Gated
-DeltaNet (linear attention, no RoPE) and gated full-attention layers alternating, the full-attention ones with
-a partial rotary dimension (a quarter of the head, as the real models), MoE MLPs with a shared expert. vLLM
-CPU's Gated DeltaNet runs in bfloat16 only, so it is tested in bfloat16 (``test_engine_hybrid.py``).
+:data:`HYBRIDS` have the hybrid layout of Qwen3-Next and Qwen3.5: Gated DeltaNet (linear attention, no RoPE)
+and gated full-attention layers alternating, the full-attention ones with a partial rotary dimension (a quarter
+of the head, as the real models): ``Qwen3NextForCausalLM`` (MoE MLPs with a shared expert), and Qwen3.5's
+``Qwen3_5ForConditionalGeneration`` (dense) and ``Qwen3_5MoeForConditionalGeneration``, whose text models keep
+Qwen3.5's interleaved mRoPE (sections scaled to the tiny head) and who carry a tiny vision tower. vLLM CPU's
+Gated DeltaNet runs in bfloat16 only, so they are tested in bfloat16 (``test_engine_hybrid.py``).
+
+vLLM's Qwen3.5 and Qwen3-VL model files import torchvision; :func:`unloadable` says so where none loads.
 
 :func:`eagle_pair` gives a Mistral target and an EAGLE drafter (vLLM's ``EagleLlamaForCausalLM``) made of the
 target's own layers, which drafts what the target computes (so speculative acceptance measures whether the
@@ -45,10 +50,22 @@ HEAD = 64
 ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM", "Gemma3ForCausalLM",
                  "Phi3ForCausalLM", "Qwen3MoeForCausalLM")
 HYBRID = "Qwen3NextForCausalLM"
+# Qwen3.5's hybrid layout with its interleaved partial mRoPE (vLLM's model files need torchvision)
+QWEN35, QWEN35_MOE = "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"
+HYBRIDS = (HYBRID, QWEN35, QWEN35_MOE)
 MROPE = "PaddleOCRVLForConditionalGeneration"
-MROPE_SECTION = [8, 12, 12]
-MROPE_SPECIALS = ("<unk>", "<s>", "</s>", "<|IMAGE_START|>", "<|IMAGE_PLACEHOLDER|>", "<|IMAGE_END|>", "<|VIDEO|>")
-PARTIAL_ROTARY = {"Phi3ForCausalLM": 0.5, HYBRID: 0.25}
+QWEN3VL = "Qwen3VLForConditionalGeneration"  # interleaved mRoPE, a vision tower with deepstack (needs torchvision)
+MROPES = (MROPE, QWEN3VL)
+# Each vision-language model's text rotary layout (chunked 8/12/12, or Qwen3-VL's interleaved [24, 20, 20]
+# scaled to a 64-wide head), and its special tokens: the first seven ids of the tiny vocabulary, the image's
+# start, placeholder and end at 3, 4 and 5.
+MROPE_LAYOUT: dict[str, dict[str, Any]] = {MROPE: {"mrope_section": [8, 12, 12]},
+                                           QWEN3VL: {"mrope_section": [12, 10, 10], "mrope_interleaved": True}}
+SPECIALS = {MROPE: ("<unk>", "<s>", "</s>", "<|IMAGE_START|>", "<|IMAGE_PLACEHOLDER|>", "<|IMAGE_END|>", "<|VIDEO|>"),
+            QWEN3VL: ("<unk>", "<s>", "</s>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")}
+PARTIAL_ROTARY = {"Phi3ForCausalLM": 0.5, HYBRID: 0.25, QWEN35: 0.25, QWEN35_MOE: 0.25}
+# Qwen3.5's interleaved sections, scaled down: [11, 11, 10] of a 64-wide rotary half there, 8 wide here
+INTERLEAVED_MROPE = {QWEN35: [3, 3, 2], QWEN35_MOE: [3, 3, 2]}
 BASES = {"Gemma3ForCausalLM": {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}}
 COMMON = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
               num_key_value_heads=1, vocab_size=512, max_position_embeddings=L, tie_word_embeddings=False)
@@ -83,16 +100,35 @@ def _config(arch: str):
             linear_num_key_heads=1, linear_key_head_dim=HEAD, linear_value_head_dim=HEAD, linear_conv_kernel_dim=4,
             num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128, shared_expert_intermediate_size=128,
             decoder_sparse_step=1, mlp_only_layers=[])
-    if arch == MROPE:
+    if arch in (QWEN35, QWEN35_MOE):  # Qwen3-Next's layers, with the mRoPE sections and a (tiny) vision tower
+        text = {**COMMON, "num_hidden_layers": 4, "head_dim": HEAD, "layer_types": ["linear_attention", "full_attention"] * 2,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.25,
+                                    "mrope_section": INTERLEAVED_MROPE[arch], "mrope_interleaved": True},
+                "linear_num_value_heads": 2, "linear_num_key_heads": 1, "linear_key_head_dim": HEAD,
+                "linear_value_head_dim": HEAD, "linear_conv_kernel_dim": 4}
+        if arch == QWEN35_MOE:
+            text |= {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+                     "shared_expert_intermediate_size": 128}
+        vision = {"depth": 1, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "patch_size": 16,
+                  "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": COMMON["hidden_size"],
+                  "num_position_embeddings": 64}
+        ids = {"image_token_id": 500, "video_token_id": 501, "vision_start_token_id": 502, "vision_end_token_id": 503}
+        config = transformers.Qwen3_5MoeConfig if arch == QWEN35_MOE else transformers.Qwen3_5Config
+        return config(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+    if arch in MROPES:
         text = {**COMMON, "head_dim": HEAD,
-                "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0, "mrope_section": MROPE_SECTION}}
+                "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0, **MROPE_LAYOUT[arch]}}
+        ids = dict(zip(("vision_start_token_id", "image_token_id", "vision_end_token_id", "video_token_id"),
+                       range(3, 7), strict=True))
+        if arch == QWEN3VL:
+            vision = {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "patch_size": 16,
+                      "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": COMMON["hidden_size"],
+                      "num_position_embeddings": 64, "deepstack_visual_indexes": [0]}
+            return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
         vision = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
                   "image_size": 56, "patch_size": 14}
-        ids = {name: MROPE_SPECIALS.index(token) for name, token in (
-            ("vision_start_token_id", "<|IMAGE_START|>"), ("image_token_id", "<|IMAGE_PLACEHOLDER|>"),
-            ("vision_end_token_id", "<|IMAGE_END|>"), ("video_token_id", "<|VIDEO|>"))}
         return transformers.PaddleOCRVLConfig(text_config=text, vision_config=vision, **ids)
-    raise ValueError(f"no tiny model for {arch}; known: {', '.join((*ARCHITECTURES, HYBRID, MROPE))}")
+    raise ValueError(f"no tiny model for {arch}; known: {', '.join((*ARCHITECTURES, *HYBRIDS, *MROPES))}")
 
 
 def build(arch: str, folder: Path) -> Path:
@@ -113,29 +149,45 @@ def build(arch: str, folder: Path) -> Path:
                 p.mul_(4.0)
     tmp = folder.with_name(folder.name + ".tmp")
     model.save_pretrained(tmp, safe_serialization=True)
-    if arch == MROPE:
-        _mrope_processor().save_pretrained(tmp)
+    if arch in MROPES:
+        _mrope_processor(arch).save_pretrained(tmp)
     (tmp / "generation_config.json").unlink(missing_ok=True)
     tmp.rename(folder)
     return folder
 
 
-def _mrope_processor():
-    """PaddleOCR-VL's processor over a word-level tokenizer of the tiny vocabulary; images of 4 to 16 merged
-    patches (28 x 28 pixels each)."""
+def _mrope_processor(arch: str):
+    """The model's own processor over a word-level tokenizer of the tiny vocabulary (``w7`` ... ``w511`` and the
+    special tokens); images of 4 to 16 merged patches (PaddleOCR-VL: 28 x 28 pixels each; Qwen3-VL: 32 x 32)."""
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = SPECIALS[arch]
+    vocab = {token: i for i, token in enumerate(specials)}
+    vocab.update({f"w{i}": i for i in range(len(specials), COMMON["vocab_size"])})
+    words = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    marks = dict(zip(("vision_start_token", "image_token", "vision_end_token", "video_token"), specials[3:],
+                     strict=True))
+    if arch == QWEN3VL:
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import (
+            Qwen3VLVideoProcessor,
+        )
+
+        tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>",
+                                                         eos_token="</s>", extra_special_tokens=marks)
+        patches = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2}
+        images = transformers.Qwen2VLImageProcessor(**patches, size={"shortest_edge": 32 * 32 * 4,
+                                                                     "longest_edge": 32 * 32 * 16})
+        return transformers.Qwen3VLProcessor(image_processor=images, tokenizer=tokenizer,
+                                             video_processor=Qwen3VLVideoProcessor(**patches))
     from transformers.models.paddleocr_vl.image_processing_pil_paddleocr_vl import (
         PaddleOCRVLImageProcessorPil,
     )
 
-    vocab = {token: i for i, token in enumerate(MROPE_SPECIALS)}
-    vocab.update({f"w{i}": i for i in range(len(MROPE_SPECIALS), COMMON["vocab_size"])})
-    words = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=words, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-        extra_special_tokens={"image_token": "<|IMAGE_PLACEHOLDER|>"})
+        extra_special_tokens={"image_token": marks["image_token"]})
     images = PaddleOCRVLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
     return transformers.PaddleOCRVLProcessor(image_processor=images, tokenizer=tokenizer)
 
@@ -180,6 +232,20 @@ def eagle_pair(root: Path) -> tuple[Path, Path]:
     return target, eagle
 
 
+def unloadable(arch: str) -> str | None:
+    """Why vLLM's model file for ``arch`` cannot load here, or None. Qwen3.5's and Qwen3-VL's import
+    torchvision (Qwen3-VL's vision tower and transformers' image processors); the registries hold only
+    CUDA-linked torchvision wheels, which fail beside the CPU torch (scripts/install_torchvision_cpu.sh)."""
+    if arch not in (QWEN35, QWEN35_MOE, QWEN3VL):
+        return None
+    try:
+        import torchvision  # noqa: F401
+    except Exception as e:  # noqa: BLE001 (a CUDA-linked build fails with a RuntimeError, none with ImportError)
+        return (f"vLLM's {arch} imports torchvision, which does not load here ({type(e).__name__}: {e}); "
+                "scripts/setup.sh installs a CPU build from ../shared/torchvision-cpu where there is one")
+    return None
+
+
 def variant(folder: Path, dest: Path, text_rope_parameters: dict[str, Any], max_position_embeddings: int) -> Path:
     """``folder``'s model (its files linked, not copied) with other RoPE parameters in its text config (the
     config itself for a text-only model): for engines that read the file, not ``hf_overrides`` (a
@@ -209,6 +275,8 @@ def rope_parameters(arch: str, rope_type: str, factor: float, **extra: Any) -> d
         params = {**scaled, "rope_theta": 10_000.0}
         if arch in PARTIAL_ROTARY:
             params["partial_rotary_factor"] = PARTIAL_ROTARY[arch]
+        if arch in INTERLEAVED_MROPE:
+            params |= {"mrope_section": INTERLEAVED_MROPE[arch], "mrope_interleaved": True}
     return {"rope_parameters": params, "max_position_embeddings": int(L * factor)}
 
 

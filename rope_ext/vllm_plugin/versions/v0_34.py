@@ -22,11 +22,11 @@ Read, not run: the V2 runner needs Triton with a GPU.
 
 from __future__ import annotations
 
-from rope_ext.vllm_plugin.compat import Internal
 import dataclasses
 
 import numpy as np
 
+from rope_ext.vllm_plugin.compat import Internal
 from rope_ext.vllm_plugin.runner import (
     V2_INTERNALS,
     V2_RUNNER,
