@@ -44,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from server.offline import EngineSpec, Request, run_offline
-from tests.plugin.testbed import drafters_run_here
+from tests.plugin.testbed import no_drafters
 from tests.plugin.tiny_models import L, eagle_pair, rope_parameters, variant
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(1800)]
@@ -88,9 +88,8 @@ PLAIN = {"rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0}, "m
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    if not drafters_run_here():
-        pytest.skip("this machine's runner has no drafter that the plugin hooks (vLLM 0.34's CPU runner without "
-                    "Triton refuses speculative decoding itself)")
+    if why := no_drafters():
+        pytest.skip(why)
     root = tmp_path_factory.mktemp("drafter")
     folders = {}
     for role, base in zip(("target", "eagle"), eagle_pair(root), strict=True):

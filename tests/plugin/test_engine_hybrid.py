@@ -40,9 +40,11 @@ from pathlib import Path
 import pytest
 
 from server.offline import EngineSpec, Request, run_offline
-from tests.plugin.testbed import missing_hybrid_kernels
+from tests.plugin.testbed import no_hybrid_kernels
 from tests.plugin.tiny_models import (
     HYBRIDS,
+    QWEN35,
+    QWEN35_MOE,
     L,
     build,
     describe,
@@ -63,7 +65,7 @@ SYSTEM = 300
 
 def _spec(model, core: int, **env) -> EngineSpec:
     extra = {"enforce_eager": False, "skip_tokenizer_init": True}
-    if "ConditionalGeneration" in describe(model):  # Qwen3.5 text-only: its language model, mRoPE kept
+    if describe(model) in (QWEN35, QWEN35_MOE):  # Qwen3.5 text-only: its language model, mRoPE kept
         extra["language_model_only"] = True
     return EngineSpec(model=str(model), dtype="bfloat16", max_model_len=MAX_MODEL_LEN, kv_cache_gib=1,
                       max_num_seqs=8,
@@ -90,11 +92,7 @@ ALONE = [dataclasses.replace(r, cache_salt=f"alone {i}") for i, r in enumerate(S
 @pytest.fixture(scope="module", params=HYBRIDS)
 def runs(request, tmp_path_factory):
     arch = request.param
-    missing = missing_hybrid_kernels()
-    if missing:
-        pytest.skip(f"this vLLM's CPU extension lacks the Gated DeltaNet kernels {', '.join(missing)}: stock vLLM "
-                    "cannot run a hybrid model here either")
-    if why := unloadable(arch):
+    if why := no_hybrid_kernels() or unloadable(arch):
         pytest.skip(why)
     root = tmp_path_factory.mktemp("hybrid")
     base = build(arch, root / "model")

