@@ -29,7 +29,10 @@ fi
 mkdir -p "$OUT"
 onednn_env=()
 if [[ -f "$ONEDNN_SOURCE" ]]; then
-    rm -rf "$OUT/onednn" && mkdir "$OUT/onednn" && tar xzf "$ONEDNN_SOURCE" -C "$OUT/onednn"
+    # The tarball's one top-level folder (onednn-v3.13/) is dropped: CMake wants the folder that holds
+    # oneDNN's CMakeLists.txt, and without it builds vLLM's dnnl_ext with no oneDNN include path.
+    rm -rf "$OUT/onednn" && mkdir "$OUT/onednn" && tar xzf "$ONEDNN_SOURCE" -C "$OUT/onednn" --strip-components=1
+    [[ -f "$OUT/onednn/CMakeLists.txt" ]] || { echo "build_vllm034_cpu: $ONEDNN_SOURCE is not a oneDNN source tree" >&2; exit 1; }
     onednn_env=(FETCHCONTENT_SOURCE_DIR_ONEDNN="$OUT/onednn")
 elif ! timeout 15 curl -fsI https://github.com >/dev/null 2>&1; then
     echo "build_vllm034_cpu: no oneDNN source ($ONEDNN_SOURCE) and GitHub is unreachable, so vLLM's CMake" \
