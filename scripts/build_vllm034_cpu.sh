@@ -39,8 +39,11 @@ elif ! timeout 15 curl -fsI https://github.com >/dev/null 2>&1; then
          "cannot fetch it: not building" >&2
     exit 1
 fi
-if [[ ! -f /usr/include/numa.h ]]; then
-    command -v apt-get >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libnuma-dev >/dev/null
+# libnuma's headers to compile; tcmalloc, which vLLM's setup.py bundles into the wheel when it finds it (the
+# CPU worker preloads it).
+if [[ ! -f /usr/include/numa.h || ! -e /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 ]]; then
+    command -v apt-get >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libnuma-dev \
+        libtcmalloc-minimal4 >/dev/null
 fi
 
 # The sdist from the package index (pip download would run its metadata step, which imports torch).
@@ -70,5 +73,5 @@ patch -s -d "$OUT/vllm-0.34.0" -p1 < "$PATCH"
 path_without_cargo=$OUT/venv/bin:$(tr ':' '\n' <<<"$PATH" | grep -v cargo | paste -sd:)
 (cd "$OUT/vllm-0.34.0" && env PATH="$path_without_cargo" "${onednn_env[@]}" VLLM_TARGET_DEVICE=cpu MAX_JOBS="$(nproc)" \
     CMAKE_BUILD_TYPE=Release VLLM_CPU_X86_EXTS=_C_AVX2 VLLM_CPU_X86_STANDALONE_MRV2=1 \
-    "$OUT/venv/bin/pip" wheel --quiet --no-build-isolation --no-deps -w "$OUT/dist" .) >&2
+    "$OUT/venv/bin/pip" wheel --quiet --no-cache-dir --no-build-isolation --no-deps -w "$OUT/dist" .) >&2
 ls "$OUT"/dist/vllm-0.34.0*.whl | head -1
