@@ -39,9 +39,9 @@ elif ! timeout 15 curl -fsI https://github.com >/dev/null 2>&1; then
          "cannot fetch it: not building" >&2
     exit 1
 fi
-# libnuma's headers to compile; tcmalloc, which vLLM's setup.py bundles into the wheel when it finds it (the
-# CPU worker preloads it).
-if [[ ! -f /usr/include/numa.h || ! -e /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 ]]; then
+# libnuma's headers to compile; tcmalloc, which vLLM's setup.py bundles into the wheel when the loader knows
+# one (`ldconfig -p`, as setup.py asks; the CPU worker preloads it).
+if [[ ! -f /usr/include/numa.h ]] || ! ldconfig -p | grep 'libtcmalloc\(_minimal\)\?\.so\.' >/dev/null; then
     command -v apt-get >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libnuma-dev \
         libtcmalloc-minimal4 >/dev/null
 fi
